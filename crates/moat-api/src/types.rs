@@ -1,0 +1,190 @@
+//! What the CLI asks of the daemon and what it hears back.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version both sides must agree on; bumped on any breaking change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One request per connection. Requests that start a process (`SandboxExec`)
+/// carry the caller's stdin, stdout and stderr as descriptors unless a TTY is
+/// asked for, in which case the reply carries the terminal's master side.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Version,
+    SandboxCreate(CreateSandbox),
+    /// `run AGENT WORKSPACE…`: the sandbox for that agent and those workspaces,
+    /// created if there is none, started if it is stopped.
+    SandboxEnsure(CreateSandbox),
+    SandboxStart { name: String },
+    SandboxExec(ExecRequest),
+    SandboxList,
+    SandboxInspect { name: String },
+    SandboxStop { name: String },
+    SandboxRm { name: String },
+    SandboxReset,
+    SandboxPorts { name: String, publish: Vec<PortMapping>, unpublish: Vec<u16> },
+    ImageList,
+    ImageRm { reference: String },
+    ImageImport { path: String, reference: String },
+    TemplateBuild { name: String },
+}
+
+/// Every reply is a stream of these, ending in `Ok`, `Error` or `Exited`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Progress { message: String },
+    /// Something the user should see on stderr, such as a limit that cannot be enforced.
+    Warning { message: String },
+    Ok { value: serde_json::Value },
+    Error { message: String },
+    /// The process runs; with a TTY the terminal's master side travels with this reply.
+    Started { pid: i32 },
+    /// The process ended: its exit code, or 128 + the signal that killed it.
+    Exited { code: i32 },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CreateSandbox {
+    pub name: Option<String>,
+    pub agent: String,
+    /// An image reference or a template name; the agent's default when absent.
+    pub template: Option<String>,
+    /// Absolute host paths; the first is the main workspace. `:ro` marks read-only extras.
+    pub workspaces: Vec<String>,
+    pub limits: LimitsRequest,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LimitsRequest {
+    /// Bytes.
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    pub name: String,
+    /// The command; with `agent`, the arguments that follow the agent's own command.
+    pub argv: Vec<String>,
+    /// Start the sandbox's agent (what `run` does), with `argv` as its arguments.
+    pub agent: bool,
+    /// `KEY=VALUE` pairs added to the sandbox's environment.
+    pub env: Vec<String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub tty: bool,
+    pub rows: u16,
+    pub cols: u16,
+    /// Start and return at once, without waiting for the exit code.
+    pub detach: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxStatus {
+    Running,
+    Stopped,
+}
+
+impl std::fmt::Display for SandboxStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SandboxStatus::Running => "running",
+            SandboxStatus::Stopped => "stopped",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Workspace {
+    pub path: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub sandbox_port: u16,
+}
+
+impl std::str::FromStr for PortMapping {
+    type Err = String;
+    /// `HOST:SANDBOX`, or one port for both.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("bad port mapping {s:?}: write HOST_PORT:SANDBOX_PORT, e.g. 8080:3000");
+        let (h, c) = s.split_once(':').unwrap_or((s, s));
+        let host_port = h.parse().map_err(|_| bad())?;
+        let sandbox_port = c.parse().map_err(|_| bad())?;
+        if host_port == 0 || sandbox_port == 0 {
+            return Err(bad());
+        }
+        Ok(PortMapping { host_port, sandbox_port })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Limits {
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    /// Whether the kernel enforces them (cgroups usable); false rootless without delegation.
+    pub enforced: bool,
+    /// Which cgroup hierarchy enforces them, or why none does.
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub name: String,
+    pub agent: String,
+    pub template: String,
+    pub image_id: String,
+    pub status: SandboxStatus,
+    pub workspaces: Vec<Workspace>,
+    pub created: String,
+    pub limits: Limits,
+    pub ports: Vec<PortMapping>,
+    /// The host pid of the sandbox's init while it runs.
+    pub pid: Option<i32>,
+    pub isolation: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionInfo {
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub rootless: bool,
+    pub state_root: String,
+    pub runtime_root: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_mappings_parse() {
+        assert_eq!(
+            "8080:3000".parse::<PortMapping>(),
+            Ok(PortMapping { host_port: 8080, sandbox_port: 3000 })
+        );
+        assert_eq!(
+            "5000".parse::<PortMapping>(),
+            Ok(PortMapping { host_port: 5000, sandbox_port: 5000 })
+        );
+        assert!("0:1".parse::<PortMapping>().is_err());
+        assert!("a:b".parse::<PortMapping>().is_err());
+    }
+
+    #[test]
+    fn requests_are_tagged_json() {
+        let r = Request::SandboxStop { name: "demo".into() };
+        let s = serde_json::to_value(&r).unwrap();
+        assert_eq!(s, serde_json::json!({"op": "sandbox_stop", "name": "demo"}));
+    }
+}

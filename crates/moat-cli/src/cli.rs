@@ -1,0 +1,451 @@
+//! The command line. `moat sandbox …` mirrors `docker sandbox …` (same
+//! commands, flags and columns); `moat image …` and `moat template …` work on
+//! the image store. Every command is a request to the daemon.
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use moat_api::{CreateSandbox, ExecRequest, LimitsRequest, PortMapping, Request, SandboxInfo, VersionInfo};
+use moat_images::ImageInfo;
+
+use crate::client::call;
+use crate::output::{human_size, table, truncate};
+use crate::terminal;
+
+#[derive(Parser)]
+#[command(name = "moat", version, about = "Run AI coding agents in Linux sandboxes, with an egress gateway and local models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sandboxes (mirrors `docker sandbox`)
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+    /// The image store
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Templates: images built from recipes
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Run the daemon in the foreground (the CLI starts it when needed)
+    Daemon,
+    /// Show the versions of the client and the daemon
+    Version,
+}
+
+#[derive(Args, Clone, Default)]
+struct CreateFlags {
+    /// Name of the sandbox (default: AGENT-WORKSPACE_DIR, numbered on collision)
+    #[arg(long)]
+    name: Option<String>,
+    /// Template or image to start from (default: the agent's template)
+    #[arg(short = 't', long = "template")]
+    template: Option<String>,
+    /// When to pull the template image: always, missing or never (images are local for now)
+    #[arg(long = "pull-template", default_value = "missing")]
+    pull_template: String,
+    /// Memory limit, e.g. 2g
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit in cores, e.g. 1.5
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Limit on the number of processes
+    #[arg(long = "pids-limit")]
+    pids_limit: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum SandboxCmd {
+    /// Create a sandbox for an agent on a workspace, and start it
+    Create {
+        #[command(flatten)]
+        flags: CreateFlags,
+        /// Print only the sandbox's name
+        #[arg(short, long)]
+        quiet: bool,
+        /// The agent (shell)
+        agent: String,
+        /// The workspace folder (read-write), then extra ones (read-only with :ro)
+        #[arg(required = true)]
+        workspaces: Vec<String>,
+    },
+    /// Start a sandbox's agent in a terminal: `run NAME [-- ARGS]` or `run AGENT [WORKSPACE…] [-- ARGS]`
+    Run {
+        #[command(flatten)]
+        flags: CreateFlags,
+        /// A sandbox's name, or an agent
+        target: String,
+        /// Workspaces, when TARGET is an agent (default: the current folder)
+        workspaces: Vec<String>,
+        /// Arguments for the agent
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a command in a running sandbox
+    Exec {
+        /// Detached: start the command and return
+        #[arg(short, long)]
+        detach: bool,
+        /// Set an environment variable (KEY=VALUE)
+        #[arg(short, long = "env")]
+        env: Vec<String>,
+        /// Read environment variables from a file
+        #[arg(long = "env-file")]
+        env_file: Vec<String>,
+        /// Keep stdin open
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal
+        #[arg(short, long)]
+        tty: bool,
+        /// User (name, uid or uid:gid; default agent)
+        #[arg(short, long)]
+        user: Option<String>,
+        /// Working directory (default: the workspace)
+        #[arg(short, long)]
+        workdir: Option<String>,
+        name: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// List sandboxes
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long = "no-trunc")]
+        no_trunc: bool,
+    },
+    /// Show sandboxes as JSON
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop sandboxes (their files stay)
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove sandboxes (stopping them first)
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove every sandbox
+    Reset {
+        /// Do not ask
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Publish sandbox ports on the host's loopback, or list them
+    Ports {
+        name: String,
+        /// HOST_PORT:SANDBOX_PORT
+        #[arg(long)]
+        publish: Vec<String>,
+        /// HOST_PORT
+        #[arg(long)]
+        unpublish: Vec<u16>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the versions of the client and the daemon
+    Version,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// List images
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove images
+    Rm {
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Import a root file system tarball as an image
+    Import { tarball: String, reference: String },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Build a template (shell)
+    Build { name: String },
+    /// List the templates moat can build
+    Ls,
+}
+
+pub fn main() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Daemon => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG").unwrap_or_else(|_| "info".into()))
+                .with_writer(std::io::stderr)
+                .init();
+            let config = moat_daemon::Config::load()?;
+            moat_daemon::run(moat_daemon::Paths::from_env(), config)?;
+            Ok(0)
+        }
+        Command::Version | Command::Sandbox(SandboxCmd::Version) => version(),
+        Command::Sandbox(cmd) => sandbox(cmd),
+        Command::Image(cmd) => image(cmd),
+        Command::Template(cmd) => template(cmd),
+    }
+}
+
+fn version() -> Result<i32> {
+    println!("Client: moat {}", env!("CARGO_PKG_VERSION"));
+    let v: VersionInfo = call(&Request::Version)?;
+    println!("Daemon: moat {} (pid {}, protocol {}, {})", v.version, v.pid, v.protocol, if v.rootless { "rootless" } else { "root" });
+    Ok(0)
+}
+
+/// Workspace arguments made absolute against the current folder, `:ro` kept.
+fn absolute_workspaces(raw: &[String]) -> Result<Vec<String>> {
+    let cwd = std::env::current_dir().context("cannot read the current folder")?;
+    Ok(raw
+        .iter()
+        .map(|w| {
+            let (path, suffix) = match w.rsplit_once(':') {
+                Some((p, s @ ("ro" | "readonly" | "rw"))) => (p, if s == "rw" { String::new() } else { format!(":{s}") }),
+                _ => (w.as_str(), String::new()),
+            };
+            let p = Path::new(path);
+            let abs = if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
+            let abs = std::fs::canonicalize(&abs).unwrap_or(abs);
+            format!("{}{suffix}", abs.display())
+        })
+        .collect())
+}
+
+fn create_request(agent: &str, workspaces: &[String], flags: &CreateFlags) -> Result<CreateSandbox> {
+    if !["always", "missing", "never"].contains(&flags.pull_template.as_str()) {
+        bail!("--pull-template takes always, missing or never");
+    }
+    let memory = flags
+        .memory
+        .as_deref()
+        .map(moat_daemon::config::parse_size)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    Ok(CreateSandbox {
+        name: flags.name.clone(),
+        agent: agent.to_string(),
+        template: flags.template.clone(),
+        workspaces: absolute_workspaces(workspaces)?,
+        limits: LimitsRequest { memory, cpus: flags.cpus, pids: flags.pids_limit },
+    })
+}
+
+fn sandbox(cmd: SandboxCmd) -> Result<i32> {
+    match cmd {
+        SandboxCmd::Create { flags, quiet, agent, workspaces } => {
+            let info: SandboxInfo = call(&Request::SandboxCreate(create_request(&agent, &workspaces, &flags)?))?;
+            if quiet {
+                println!("{}", info.name);
+            } else {
+                println!("Created sandbox {} ({} on {})", info.name, info.agent, info.workspaces[0].path);
+            }
+            Ok(0)
+        }
+        SandboxCmd::Run { flags, target, workspaces, args } => {
+            let existing = call::<SandboxInfo>(&Request::SandboxInspect { name: target.clone() }).ok();
+            let info: SandboxInfo = match existing {
+                Some(s) if workspaces.is_empty() => call(&Request::SandboxStart { name: s.name })?,
+                _ => {
+                    let ws = if workspaces.is_empty() { vec![".".to_string()] } else { workspaces };
+                    call(&Request::SandboxEnsure(create_request(&target, &ws, &flags)?))?
+                }
+            };
+            let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+            terminal::exec(ExecRequest { name: info.name, argv: args, agent: true, tty, ..Default::default() }, true)
+        }
+        SandboxCmd::Exec { detach, env, env_file, interactive, tty, user, workdir, name, command } => {
+            let mut all_env = Vec::new();
+            for file in &env_file {
+                all_env.extend(read_env_file(file)?);
+            }
+            for e in env {
+                // `-e KEY` alone passes the caller's value, as Docker does.
+                if e.contains('=') {
+                    all_env.push(e);
+                } else if let Ok(v) = std::env::var(&e) {
+                    all_env.push(format!("{e}={v}"));
+                }
+            }
+            let req = ExecRequest { name, argv: command, agent: false, env: all_env, user, workdir, tty, detach, ..Default::default() };
+            terminal::exec(req, interactive)
+        }
+        SandboxCmd::Ls { json, quiet, no_trunc } => {
+            let list: Vec<SandboxInfo> = call(&Request::SandboxList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if quiet {
+                list.iter().for_each(|s| println!("{}", s.name));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|s| {
+                        let ws: Vec<String> = s.workspaces.iter().map(|w| if w.read_only { format!("{}:ro", w.path) } else { w.path.clone() }).collect();
+                        vec![s.name.clone(), s.agent.clone(), s.status.to_string(), truncate(&ws.join(", "), 60, no_trunc)]
+                    })
+                    .collect();
+                table(&["SANDBOX", "AGENT", "STATUS", "WORKSPACE"], &rows);
+            }
+            Ok(0)
+        }
+        SandboxCmd::Inspect { names } => {
+            let mut out = Vec::new();
+            let mut code = 0;
+            for name in names {
+                match call::<SandboxInfo>(&Request::SandboxInspect { name }) {
+                    Ok(i) => out.push(i),
+                    Err(e) => {
+                        eprintln!("moat: {e:#}");
+                        code = 1;
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(code)
+        }
+        SandboxCmd::Stop { names } => each(names, |name| call::<SandboxInfo>(&Request::SandboxStop { name }).map(|i| i.name)),
+        SandboxCmd::Rm { names } => each(names, |name| call::<SandboxInfo>(&Request::SandboxRm { name }).map(|i| i.name)),
+        SandboxCmd::Reset { force } => {
+            if !force {
+                if !std::io::stdin().is_terminal() {
+                    bail!("reset removes every sandbox; add -f to do it without asking");
+                }
+                eprint!("This removes every sandbox and its files. Continue? [y/N] ");
+                let _ = std::io::stderr().flush();
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    return Ok(1);
+                }
+            }
+            let removed: Vec<String> = call(&Request::SandboxReset)?;
+            removed.iter().for_each(|n| println!("{n}"));
+            Ok(0)
+        }
+        SandboxCmd::Ports { name, publish, unpublish, json } => {
+            let publish = publish.iter().map(|p| p.parse::<PortMapping>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+            let req = if publish.is_empty() && unpublish.is_empty() {
+                Request::SandboxInspect { name }
+            } else {
+                Request::SandboxPorts { name, publish, unpublish }
+            };
+            let info: SandboxInfo = call(&req)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info.ports)?);
+            } else {
+                let rows: Vec<Vec<String>> =
+                    info.ports.iter().map(|p| vec![format!("127.0.0.1:{}", p.host_port), p.sandbox_port.to_string()]).collect();
+                table(&["HOST", "SANDBOX PORT"], &rows);
+            }
+            Ok(0)
+        }
+        SandboxCmd::Version => version(),
+    }
+}
+
+/// Run `f` on each name, printing what it returns; the exit code is 1 if any failed.
+fn each(names: Vec<String>, f: impl Fn(String) -> Result<String>) -> Result<i32> {
+    let mut code = 0;
+    for name in names {
+        match f(name) {
+            Ok(out) => println!("{out}"),
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn read_env_file(path: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read env file {path}"))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            if l.contains('=') {
+                l.to_string()
+            } else {
+                format!("{l}={}", std::env::var(l).unwrap_or_default())
+            }
+        })
+        .collect())
+}
+
+fn image(cmd: ImageCmd) -> Result<i32> {
+    match cmd {
+        ImageCmd::Ls { json, quiet } => {
+            let list: Vec<ImageInfo> = call(&Request::ImageList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if quiet {
+                list.iter().for_each(|i| println!("{}", i.reference));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|i| {
+                        let (repo, tag) = i.reference.rsplit_once(':').unwrap_or((&i.reference, ""));
+                        let id = i.id.trim_start_matches("sha256:").chars().take(12).collect();
+                        vec![repo.to_string(), tag.to_string(), id, i.created.clone(), human_size(i.size)]
+                    })
+                    .collect();
+                table(&["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], &rows);
+            }
+            Ok(0)
+        }
+        ImageCmd::Rm { references } => {
+            each(references, |reference| call::<ImageInfo>(&Request::ImageRm { reference }).map(|i| format!("Untagged: {}", i.reference)))
+        }
+        ImageCmd::Import { tarball, reference } => {
+            let path = std::fs::canonicalize(&tarball).with_context(|| format!("cannot find {tarball}"))?;
+            let info: ImageInfo = call(&Request::ImageImport { path: path.display().to_string(), reference })?;
+            println!("{}", info.id);
+            Ok(0)
+        }
+    }
+}
+
+fn template(cmd: TemplateCmd) -> Result<i32> {
+    match cmd {
+        TemplateCmd::Build { name } => {
+            let info: ImageInfo = call(&Request::TemplateBuild { name })?;
+            println!("Built {} ({}, {})", info.reference, &info.id, human_size(info.size));
+            Ok(0)
+        }
+        TemplateCmd::Ls => {
+            moat_images::template::names().iter().for_each(|n| println!("{n}"));
+            Ok(0)
+        }
+    }
+}
+
+/// The caller's standard descriptors, for a process started without a terminal.
+pub fn stdio_fds(interactive: bool) -> Result<(Vec<i32>, Option<std::fs::File>)> {
+    let null = if interactive { None } else { Some(std::fs::File::open("/dev/null")?) };
+    let stdin = null.as_ref().map(|f| f.as_raw_fd()).unwrap_or(0);
+    Ok((vec![stdin, 1, 2], null))
+}

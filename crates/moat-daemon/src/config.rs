@@ -1,0 +1,194 @@
+//! The daemon's settings: one TOML file, every setting also settable by an
+//! environment variable (which wins). Later parts add their sections here.
+//!
+//! The file is `$MOAT_CONFIG`, else `/etc/moat/config.toml` as root and
+//! `$XDG_CONFIG_HOME/moat/config.toml` (default `~/.config/moat/config.toml`)
+//! otherwise. A missing file means the defaults. `config.example.toml` in the
+//! repository documents every key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::DaemonError;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub sandbox: SandboxConfig,
+    pub models: ModelsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Default memory limit of a new sandbox, like `4g` or `512m`; `0` for none.
+    pub memory: String,
+    /// Default CPU limit (cores, may be fractional); `0` for none.
+    pub cpus: f64,
+    /// Default limit on processes in a sandbox; `0` for none.
+    pub pids_limit: u64,
+    /// As root: the first host uid/gid of the range that ids inside sandboxes map to.
+    pub uid_base: u32,
+    /// Set `no_new_privs` on every sandboxed process (this disables `sudo` inside).
+    pub no_new_privs: bool,
+    /// Seconds that `stop` waits after SIGTERM before SIGKILL.
+    pub stop_timeout: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// The model runner's port on the host's loopback and inside every sandbox.
+    pub port: u16,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            memory: "4g".into(),
+            cpus: 0.0,
+            pids_limit: 4096,
+            uid_base: 1_000_000_000,
+            no_new_privs: false,
+            stop_timeout: 5,
+        }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig { port: 12434 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { sandbox: SandboxConfig::default(), models: ModelsConfig::default() }
+    }
+}
+
+/// Where the configuration file is looked for.
+pub fn config_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOAT_CONFIG") {
+        return PathBuf::from(p);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/etc/moat/config.toml");
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("moat/config.toml")
+}
+
+impl Config {
+    /// Read the file (if any), then apply the environment.
+    pub fn load() -> Result<Config, DaemonError> {
+        let path = config_path();
+        let mut cfg = Config::from_file(&path)?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, DaemonError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                DaemonError::Config(format!("{}: {}", path.display(), e.message()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(DaemonError::Config(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// Environment variables override the file: `MOAT_<SECTION>_<KEY>` in upper case.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), DaemonError> {
+        fn parse<T: std::str::FromStr>(key: &str, v: String) -> Result<T, DaemonError> {
+            v.trim().parse().map_err(|_| DaemonError::Config(format!("{key}={v:?} is not a valid value")))
+        }
+        if let Some(v) = get("MOAT_SANDBOX_MEMORY") {
+            parse_size(&v).map_err(DaemonError::Config)?;
+            self.sandbox.memory = v;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_CPUS") {
+            self.sandbox.cpus = parse("MOAT_SANDBOX_CPUS", v)?;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_PIDS_LIMIT") {
+            self.sandbox.pids_limit = parse("MOAT_SANDBOX_PIDS_LIMIT", v)?;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_UID_BASE") {
+            self.sandbox.uid_base = parse("MOAT_SANDBOX_UID_BASE", v)?;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_NO_NEW_PRIVS") {
+            self.sandbox.no_new_privs = parse("MOAT_SANDBOX_NO_NEW_PRIVS", v)?;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_STOP_TIMEOUT") {
+            self.sandbox.stop_timeout = parse("MOAT_SANDBOX_STOP_TIMEOUT", v)?;
+        }
+        if let Some(v) = get("MOAT_MODEL_PORT") {
+            self.models.port = parse("MOAT_MODEL_PORT", v)?;
+        }
+        parse_size(&self.sandbox.memory).map_err(DaemonError::Config)?;
+        Ok(())
+    }
+
+    pub fn default_memory(&self) -> Option<u64> {
+        parse_size(&self.sandbox.memory).ok().filter(|m| *m > 0)
+    }
+}
+
+/// `512m`, `4g`, `1.5g`, `1048576` (bytes) → bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size: write e.g. 512m or 4g"))?;
+    if !(n >= 0.0 && n.is_finite()) {
+        return Err(format!("{s:?} is not a size: write e.g. 512m or 4g"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let mut cfg: Config = toml::from_str("[sandbox]\nmemory = \"1g\"\npids_limit = 10\n").unwrap();
+        cfg.apply_env(|k| (k == "MOAT_SANDBOX_PIDS_LIMIT").then(|| "20".to_string())).unwrap();
+        let mut want = Config::default();
+        want.sandbox.memory = "1g".into();
+        want.sandbox.pids_limit = 20;
+        assert_eq!(cfg, want);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[sandbox]\nmemroy = \"1g\"\n").is_err());
+        let mut cfg = Config::default();
+        assert!(cfg.apply_env(|k| (k == "MOAT_SANDBOX_CPUS").then(|| "many".to_string())).is_err());
+    }
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let text = include_str!("../../../config.example.toml");
+        assert_eq!(toml::from_str::<Config>(text).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,664 @@
+//! Sandboxes as the daemon keeps them: created from an image, started,
+//! watched, stopped, adopted again after a daemon restart, removed.
+//!
+//! A sandbox's processes do not depend on the daemon: when the daemon dies,
+//! they keep running, and the next daemon adopts every sandbox whose init is
+//! still the same process (same pid and start time) and still answers on its
+//! control socket; the others are marked stopped and cleaned up.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use moat_api::{CreateSandbox, Limits, PortMapping, SandboxInfo, SandboxStatus, Workspace};
+use moat_images::{template, ImageInfo, ImageStore, Reference};
+use moat_sandbox::cgroup::{Cgroup, Hierarchy};
+use moat_sandbox::spec::{BindMount, SandboxSpec};
+use moat_sandbox::{control, launch, IdMap};
+
+use crate::helpers::{remove_mapped, MappedUnpacker};
+use crate::ports::Forwarder;
+use crate::server::Replies;
+use crate::state::{SandboxRow, State};
+use crate::{Config, DaemonError, Paths};
+
+/// Agents known at this stage, with the template each starts from and the command `run` starts.
+const AGENTS: &[(&str, &str, &[&str])] = &[("shell", "shell", &["bash", "-l"])];
+
+/// Image references of built templates.
+pub fn template_reference(name: &str) -> String {
+    format!("moat/{name}:latest")
+}
+
+/// A running sandbox's daemon-side parts.
+struct Live {
+    pid: i32,
+    forwarders: Vec<Forwarder>,
+}
+
+pub struct Daemon {
+    paths: Paths,
+    config: Config,
+    exe: PathBuf,
+    idmap: IdMap,
+    hierarchy: Hierarchy,
+    state: Mutex<State>,
+    images: ImageStore,
+    /// Serialises template builds and image changes.
+    image_lock: Mutex<()>,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Daemon {
+    pub fn open(paths: Paths, config: Config) -> Result<Daemon, DaemonError> {
+        let euid = nix::unistd::geteuid();
+        let rootless = !euid.is_root();
+        let idmap = if rootless {
+            let user = nix::unistd::User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_default();
+            IdMap::for_user(&user, euid.as_raw(), nix::unistd::getegid().as_raw()).map_err(moat_sandbox::SandboxError::from)?
+        } else {
+            IdMap::for_root(config.sandbox.uid_base)
+        };
+        let exe = std::env::current_exe().map_err(|e| DaemonError::io("find the moat binary", e))?;
+        for dir in [paths.state.join("sandboxes"), paths.runtime.join("sandboxes")] {
+            fs::create_dir_all(&dir).map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
+        }
+        let state = State::open(&paths.database())?;
+        let images = ImageStore::open(&paths.images())?;
+        Ok(Daemon {
+            hierarchy: moat_sandbox::cgroup::detect(rootless),
+            paths,
+            config,
+            exe,
+            idmap,
+            state: Mutex::new(state),
+            images,
+            image_lock: Mutex::new(()),
+            live: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    pub fn rootless(&self) -> bool {
+        self.idmap.rootless
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    fn unpacker(&self) -> MappedUnpacker {
+        MappedUnpacker { exe: self.exe.clone(), idmap: self.idmap.clone() }
+    }
+
+    fn row(&self, name: &str) -> Result<SandboxRow, DaemonError> {
+        lock(&self.state).by_name(name)?.ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))
+    }
+
+    /// Bring the database in line with what runs: adopt live sandboxes, mark
+    /// dead ones stopped, and remove what an interrupted create left.
+    pub fn reconcile(&self) -> Result<(), DaemonError> {
+        let rows = lock(&self.state).all()?;
+        for row in rows {
+            let id = row.info.id.clone();
+            match row.phase.as_str() {
+                "creating" => {
+                    tracing::warn!(name = %row.info.name, "removing a sandbox whose creation was interrupted");
+                    self.remove_files(&id);
+                    lock(&self.state).delete(&id)?;
+                }
+                "running" => {
+                    let alive = row.info.pid.zip(row.pid_start).is_some_and(|(pid, start)| {
+                        process_start_time(pid) == Some(start) && control::ping(&self.control_path(&id)).is_ok()
+                    });
+                    match (alive, row.info.pid) {
+                        (true, Some(pid)) => {
+                            tracing::info!(name = %row.info.name, pid, "adopting a running sandbox");
+                            lock(&self.live).insert(id.clone(), Live { pid, forwarders: vec![] });
+                            self.watch(id.clone(), pid);
+                            self.start_forwarders(&row.info, pid);
+                        }
+                        _ => {
+                            tracing::info!(name = %row.info.name, "a sandbox that was running has stopped");
+                            self.cleanup_stopped(&id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<SandboxInfo>, DaemonError> {
+        Ok(lock(&self.state).all()?.into_iter().filter(|r| r.phase != "creating").map(|r| r.info).collect())
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<SandboxInfo, DaemonError> {
+        Ok(self.row(name)?.info)
+    }
+
+    pub fn create(&self, req: CreateSandbox, r: &Replies) -> Result<SandboxInfo, DaemonError> {
+        let (_, default_template, _) = agent(&req.agent)?;
+        let workspaces = parse_workspaces(&req.workspaces)?;
+        let template = req.template.clone().unwrap_or_else(|| default_template.to_string());
+        let image = self.resolve_image(&template, r)?;
+
+        let name = match &req.name {
+            Some(n) => {
+                validate_name(n)?;
+                n.clone()
+            }
+            None => self.default_name(&req.agent, &workspaces[0].path)?,
+        };
+        let limits = Limits {
+            memory: req.limits.memory.or(self.config.default_memory()),
+            cpus: req.limits.cpus.or(Some(self.config.sandbox.cpus).filter(|c| *c > 0.0)),
+            pids: req.limits.pids.or(Some(self.config.sandbox.pids_limit).filter(|p| *p > 0)),
+            enforced: false,
+            note: String::new(),
+        };
+        let info = SandboxInfo {
+            id: new_id(),
+            name,
+            agent: req.agent.clone(),
+            template: image.reference.clone(),
+            image_id: image.id.clone(),
+            status: SandboxStatus::Stopped,
+            workspaces,
+            created: now_rfc3339(),
+            limits,
+            ports: vec![],
+            pid: None,
+            isolation: "namespaces".into(),
+        };
+        let row = SandboxRow { info: info.clone(), layers: image.layers.clone(), phase: "creating".into(), pid_start: None };
+        lock(&self.state).insert(&row)?;
+        if let Err(e) = self.make_files(&info) {
+            self.remove_files(&info.id);
+            lock(&self.state).delete(&info.id)?;
+            return Err(e);
+        }
+        lock(&self.state).set_phase(&info.id, "stopped", None, None)?;
+        self.start(&info.name, r)
+    }
+
+    /// `run AGENT WORKSPACE…`: reuse the sandbox of that agent on those workspaces.
+    pub fn ensure(&self, req: CreateSandbox, r: &Replies) -> Result<SandboxInfo, DaemonError> {
+        let workspaces = parse_workspaces(&req.workspaces)?;
+        let existing = self.list()?.into_iter().find(|s| {
+            s.agent == req.agent
+                && s.workspaces == workspaces
+                && req.name.as_ref().is_none_or(|n| n == &s.name)
+        });
+        match existing {
+            Some(s) if s.status == SandboxStatus::Running => Ok(s),
+            Some(s) => self.start(&s.name, r),
+            None => self.create(req, r),
+        }
+    }
+
+    pub fn start_by_name(&self, name: &str, r: &Replies) -> Result<SandboxInfo, DaemonError> {
+        let row = self.row(name)?;
+        if row.info.status == SandboxStatus::Running {
+            return Ok(row.info);
+        }
+        self.start(name, r)
+    }
+
+    fn control_path(&self, id: &str) -> PathBuf {
+        self.paths.sandbox_runtime(id).join("ctl.sock")
+    }
+
+    fn start(&self, name: &str, r: &Replies) -> Result<SandboxInfo, DaemonError> {
+        let row = self.row(name)?;
+        let id = row.info.id.clone();
+        let lower_dirs = self.lower_dirs(&row)?;
+        let (cgroup, limits) = self.hierarchy.create(&id, &row.info.limits);
+        if !limits.enforced && (limits.memory.is_some() || limits.pids.is_some() || limits.cpus.is_some()) {
+            r.warning(format!("limits of sandbox {name} are {}", limits.note));
+        }
+        lock(&self.state).set_limits(&id, &limits)?;
+
+        let run_dir = self.paths.sandbox_runtime(&id);
+        fs::create_dir_all(run_dir.join("rootfs")).map_err(|e| DaemonError::io(format!("create {}", run_dir.display()), e))?;
+        let etc = self.write_etc_files(&row.info, &run_dir)?;
+        let state_dir = self.paths.sandbox_state(&id);
+        let spec = SandboxSpec {
+            id: id.clone(),
+            hostname: row.info.name.clone(),
+            lower_dirs,
+            upper_dir: state_dir.join("upper"),
+            work_dir: state_dir.join("work"),
+            rootfs: run_dir.join("rootfs"),
+            workspaces: row
+                .info
+                .workspaces
+                .iter()
+                .map(|w| BindMount { source: w.path.clone().into(), target: w.path.clone().into(), read_only: w.read_only })
+                .collect(),
+            files: etc,
+            no_new_privs: self.config.sandbox.no_new_privs,
+        };
+        let control = self.control_path(&id);
+        let started = launch::start(&launch::Launch {
+            exe: &self.exe,
+            spec: &spec,
+            idmap: &self.idmap,
+            cgroup: cgroup.as_ref(),
+            control: &control,
+            log: &state_dir.join("init.log"),
+        });
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.destroy();
+                }
+                return Err(e.into());
+            }
+        };
+        lock(&self.live).insert(id.clone(), Live { pid, forwarders: vec![] });
+        lock(&self.state).set_phase(&id, "running", Some(pid), process_start_time(pid))?;
+        self.watch(id.clone(), pid);
+        let info = self.row(name)?.info;
+        self.start_forwarders(&info, pid);
+        Ok(info)
+    }
+
+    /// The unpacked layers a sandbox mounts. While its image is still in the
+    /// store, missing layers are unpacked again (after their blobs are
+    /// verified); otherwise the layers it kept must still be there.
+    fn lower_dirs(&self, row: &SandboxRow) -> Result<Vec<PathBuf>, DaemonError> {
+        let image = Reference::parse(&row.info.template).ok().and_then(|r| self.images.get(&r).ok().flatten());
+        if let Some(image) = image.filter(|i| i.id == row.info.image_id) {
+            let _guard = lock(&self.image_lock);
+            return Ok(self.images.layer_dirs(&image, &self.unpacker())?);
+        }
+        Ok(row.layers.iter().map(|l| self.images.layer_dir(l)).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The sandbox's directories; the state directory belongs to the
+    /// sandbox's root so that its init can make its upper layer there.
+    fn make_files(&self, info: &SandboxInfo) -> Result<(), DaemonError> {
+        let dir = self.paths.sandbox_state(&info.id);
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
+        for sub in ["upper", "work"] {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(dir.join(sub))
+                .map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
+        }
+        if !self.idmap.rootless {
+            let uid = self.idmap.host_uid(0).map(nix::unistd::Uid::from_raw);
+            let gid = self.idmap.host_gid(0).map(nix::unistd::Gid::from_raw);
+            for p in [dir.join("upper"), dir.join("work")] {
+                nix::unistd::chown(&p, uid, gid).map_err(|e| DaemonError::io(format!("chown {}", p.display()), e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_etc_files(&self, info: &SandboxInfo, run_dir: &Path) -> Result<Vec<BindMount>, DaemonError> {
+        let files = [
+            ("hosts", format!(
+                "127.0.0.1\tlocalhost {name}\n127.0.0.1\thost.docker.internal model-runner.docker.internal\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+                name = info.name
+            )),
+            ("hostname", format!("{}\n", info.name)),
+            ("resolv.conf", "# moat: the sandbox has no DNS of its own; the egress gateway resolves names.\noptions ndots:0\n".to_string()),
+        ];
+        let mut binds = Vec::new();
+        for (name, text) in files {
+            let path = run_dir.join(name);
+            fs::write(&path, text).map_err(|e| DaemonError::io(format!("write {}", path.display()), e))?;
+            binds.push(BindMount { source: path, target: PathBuf::from("/etc").join(name), read_only: true });
+        }
+        Ok(binds)
+    }
+
+    /// Watch init; when it ends, clean up and mark the sandbox stopped.
+    fn watch(&self, id: String, pid: i32) {
+        let live = Arc::clone(&self.live);
+        let hierarchy = self.hierarchy.clone();
+        let db = self.paths.database();
+        std::thread::spawn(move || {
+            wait_for_exit(pid);
+            if finish(&live, &id, pid) {
+                if let Some(cg) = Cgroup::existing(&hierarchy, &id) {
+                    cg.destroy();
+                }
+                if let Ok(mut st) = State::open(&db) {
+                    let _ = st.set_phase(&id, "stopped", None, None);
+                }
+            }
+        });
+    }
+
+    fn cleanup_stopped(&self, id: &str) {
+        if let Some(l) = lock(&self.live).remove(id) {
+            drop(l.forwarders);
+        }
+        if let Some(cg) = Cgroup::existing(&self.hierarchy, id) {
+            cg.destroy();
+        }
+        let _ = lock(&self.state).set_phase(id, "stopped", None, None);
+    }
+
+    pub fn stop(&self, name: &str) -> Result<SandboxInfo, DaemonError> {
+        let row = self.row(name)?;
+        if let (SandboxStatus::Running, Some(pid)) = (row.info.status, row.info.pid) {
+            let grace = Duration::from_secs(self.config.sandbox.stop_timeout);
+            let asked = control::stop(&self.control_path(&row.info.id), grace).is_ok();
+            if !(asked && wait_for_exit_timeout(pid, grace + Duration::from_secs(2))) {
+                kill_init(pid);
+                wait_for_exit_timeout(pid, Duration::from_secs(5));
+            }
+            self.cleanup_stopped(&row.info.id);
+        }
+        self.inspect(name)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<SandboxInfo, DaemonError> {
+        let row = self.row(name)?;
+        if let (SandboxStatus::Running, Some(pid)) = (row.info.status, row.info.pid) {
+            // rm needs no grace: whatever runs in the sandbox ends with it.
+            kill_init(pid);
+            wait_for_exit_timeout(pid, Duration::from_secs(5));
+            self.cleanup_stopped(&row.info.id);
+        }
+        self.remove_files(&row.info.id);
+        lock(&self.state).delete(&row.info.id)?;
+        let mut info = row.info;
+        info.status = SandboxStatus::Stopped;
+        info.pid = None;
+        Ok(info)
+    }
+
+    fn remove_files(&self, id: &str) {
+        let _ = fs::remove_dir_all(self.paths.sandbox_runtime(id));
+        if let Err(e) = remove_mapped(&self.exe, &self.idmap, &self.paths.sandbox_state(id)) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    pub fn reset(&self) -> Result<Vec<String>, DaemonError> {
+        let mut removed = Vec::new();
+        for s in self.list()? {
+            self.remove(&s.name)?;
+            removed.push(s.name);
+        }
+        Ok(removed)
+    }
+
+    pub fn ports(&self, name: &str, publish: &[PortMapping], unpublish: &[u16]) -> Result<SandboxInfo, DaemonError> {
+        let row = self.row(name)?;
+        let mut ports = row.info.ports.clone();
+        ports.retain(|p| !unpublish.contains(&p.host_port));
+        for p in publish {
+            if ports.iter().any(|q| q.host_port == p.host_port) {
+                return Err(DaemonError::BadRequest(format!(
+                    "host port {} is already published for {name}; unpublish it first with --unpublish {}",
+                    p.host_port, p.host_port
+                )));
+            }
+            ports.push(*p);
+        }
+        if let Some(pid) = row.info.pid.filter(|_| row.info.status == SandboxStatus::Running) {
+            let mut live = lock(&self.live);
+            if let Some(l) = live.get_mut(&row.info.id) {
+                l.forwarders.retain(|f| !unpublish.contains(&f.mapping.host_port));
+                for p in publish {
+                    l.forwarders.push(Forwarder::start(*p, self.control_path(&row.info.id), pid)?);
+                }
+            }
+        }
+        lock(&self.state).set_ports(&row.info.id, &ports)?;
+        self.inspect(name)
+    }
+
+    fn start_forwarders(&self, info: &SandboxInfo, pid: i32) {
+        let mut live = lock(&self.live);
+        let Some(l) = live.get_mut(&info.id) else { return };
+        for p in &info.ports {
+            match Forwarder::start(*p, self.control_path(&info.id), pid) {
+                Ok(f) => l.forwarders.push(f),
+                Err(e) => tracing::warn!(sandbox = %info.name, "cannot publish port: {e}"),
+            }
+        }
+    }
+
+    pub(crate) fn exec_target(&self, name: &str) -> Result<(SandboxInfo, PathBuf, Vec<String>), DaemonError> {
+        let row = self.row(name)?;
+        if row.info.status != SandboxStatus::Running {
+            return Err(DaemonError::Stopped(name.to_string()));
+        }
+        let (_, _, command) = agent(&row.info.agent)?;
+        let control = self.control_path(&row.info.id);
+        Ok((row.info, control, command.iter().map(|s| s.to_string()).collect()))
+    }
+
+    fn default_name(&self, agent: &str, workspace: &str) -> Result<String, DaemonError> {
+        let base = Path::new(workspace).file_name().and_then(|n| n.to_str()).unwrap_or("workspace");
+        let clean: String = base
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c.to_ascii_lowercase() } else { '-' })
+            .collect();
+        let stem = format!("{agent}-{}", clean.trim_matches('-'));
+        let taken: Vec<String> = lock(&self.state).all()?.into_iter().map(|r| r.info.name).collect();
+        let mut name = stem.clone();
+        let mut n = 1;
+        while taken.contains(&name) {
+            n += 1;
+            name = format!("{stem}-{n}");
+        }
+        Ok(name)
+    }
+
+    // ---- images and templates ----
+
+    /// A template name builds (or reuses) that template; anything else must be an image in the store.
+    fn resolve_image(&self, template_or_image: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
+        if template::recipe(template_or_image).is_some() {
+            let reference = Reference::parse(&template_reference(template_or_image))?;
+            if let Some(img) = self.images.get(&reference)? {
+                return Ok(img);
+            }
+            return self.template_build(template_or_image, r);
+        }
+        let reference = Reference::parse(template_or_image)?;
+        self.images.get(&reference)?.ok_or_else(|| {
+            DaemonError::BadRequest(format!(
+                "unknown template or image {template_or_image:?}: templates are {}; images are listed by `moat image ls`",
+                template::names().join(", ")
+            ))
+        })
+    }
+
+    pub fn template_build(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
+        let recipe = template::recipe(name).ok_or_else(|| {
+            DaemonError::BadRequest(format!("no template named {name:?}; templates are {}", template::names().join(", ")))
+        })?;
+        let _guard = lock(&self.image_lock);
+        r.progress(format!("building template {name} from Debian packages (about a minute, once)"));
+        let tar = template::build_rootfs(recipe, &self.paths.cache, &mut |line: &str| r.progress(line.to_string()))?;
+        r.progress(format!("importing template {name} into the image store"));
+        let reference = Reference::parse(&template_reference(name))?;
+        Ok(self.images.import_rootfs(&tar, &reference, &format!("moat template build {name}"), &self.unpacker())?)
+    }
+
+    pub fn image_list(&self) -> Result<Vec<ImageInfo>, DaemonError> {
+        Ok(self.images.list()?)
+    }
+
+    pub fn image_import(&self, path: &str, reference: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
+        let reference = Reference::parse(reference)?;
+        let _guard = lock(&self.image_lock);
+        r.progress(format!("importing {path} as {reference}"));
+        Ok(self.images.import_rootfs(Path::new(path), &reference, &format!("moat image import {path}"), &self.unpacker())?)
+    }
+
+    pub fn image_rm(&self, reference: &str) -> Result<ImageInfo, DaemonError> {
+        let reference = Reference::parse(reference)?;
+        let _guard = lock(&self.image_lock);
+        let in_use: Vec<String> = lock(&self.state).all()?.into_iter().flat_map(|r| r.layers).collect();
+        Ok(self.images.remove(&reference, &in_use)?)
+    }
+}
+
+/// Drop the live entry of `id` if it still belongs to `pid`; true if this call did.
+fn finish(live: &Mutex<HashMap<String, Live>>, id: &str, pid: i32) -> bool {
+    let mut map = lock(live);
+    if map.get(id).is_some_and(|l| l.pid == pid) {
+        map.remove(id);
+        true
+    } else {
+        false
+    }
+}
+
+fn agent(name: &str) -> Result<(&'static str, &'static str, &'static [&'static str]), DaemonError> {
+    AGENTS.iter().copied().find(|(a, _, _)| *a == name).ok_or_else(|| {
+        let known: Vec<&str> = AGENTS.iter().map(|(a, _, _)| *a).collect();
+        DaemonError::BadRequest(format!("unknown agent {name:?}; agents are: {}", known.join(", ")))
+    })
+}
+
+/// Workspaces as absolute, existing directories; `:ro`/`:readonly` on extras.
+fn parse_workspaces(raw: &[String]) -> Result<Vec<Workspace>, DaemonError> {
+    if raw.is_empty() {
+        return Err(DaemonError::BadRequest("no workspace given: name the folder the agent works in, e.g. `.`".into()));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let (path, read_only) = match w.rsplit_once(':') {
+                Some((p, "ro" | "readonly")) => (p, true),
+                _ => (w.as_str(), false),
+            };
+            if i == 0 && read_only {
+                return Err(DaemonError::BadRequest(format!("the first workspace ({path}) is the agent's own and must be writable; drop the :ro")));
+            }
+            if !path.starts_with('/') {
+                return Err(DaemonError::BadRequest(format!("workspace {path:?} is not an absolute path")));
+            }
+            let canon = fs::canonicalize(path).map_err(|_| {
+                DaemonError::BadRequest(format!("workspace {path} does not exist: create it first or check the path"))
+            })?;
+            if !canon.is_dir() {
+                return Err(DaemonError::BadRequest(format!("workspace {path} is not a directory")));
+            }
+            if canon == Path::new("/") {
+                return Err(DaemonError::BadRequest("the host's root cannot be a workspace".into()));
+            }
+            Ok(Workspace { path: canon.display().to_string(), read_only })
+        })
+        .collect()
+}
+
+pub fn validate_name(name: &str) -> Result<(), DaemonError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DaemonError::BadRequest(format!(
+            "bad sandbox name {name:?}: use up to 63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
+}
+
+fn new_id() -> String {
+    let bytes: [u8; 6] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_rfc3339() -> String {
+    moat_images::now_rfc3339()
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command come state (field 3) … starttime (field 22).
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn kill_init(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Block until `pid` has exited, reaping it if it is our child.
+fn wait_for_exit(pid: i32) {
+    while !wait_for_exit_timeout(pid, Duration::from_secs(3600)) {}
+}
+
+fn wait_for_exit_timeout(pid: i32, timeout: Duration) -> bool {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open returns a new descriptor (or -1) that we own.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    let exited = if raw < 0 {
+        true
+    } else {
+        // SAFETY: `raw` is a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)), Ok(n) if n > 0)
+    };
+    if exited {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    }
+    exited
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("demo").is_ok());
+        assert!(validate_name("shell-my_project.2").is_ok());
+        for bad in ["", "-x", "a b", "a/b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn workspaces_parse_with_read_only_extras() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        let got = parse_workspaces(&[a.display().to_string(), format!("{}:ro", b.display())]).unwrap();
+        let canon = |p: &Path| fs::canonicalize(p).unwrap().display().to_string();
+        assert_eq!(
+            got,
+            vec![Workspace { path: canon(&a), read_only: false }, Workspace { path: canon(&b), read_only: true }]
+        );
+        assert!(parse_workspaces(&[format!("{}:ro", a.display())]).is_err());
+        assert!(parse_workspaces(&[dir.path().join("missing").display().to_string()]).is_err());
+        assert!(parse_workspaces(&["relative".into()]).is_err());
+    }
+
+    #[test]
+    fn start_time_of_ourselves_is_known() {
+        assert!(process_start_time(std::process::id() as i32).is_some());
+        assert_eq!(process_start_time(-5), None);
+    }
+}

@@ -1,0 +1,23 @@
+//! moat-images: the OCI image store: content-addressed blobs, manifests, an
+//! index of names, unpacked layers, and template builds.
+//!
+//! The store is an OCI image layout on disk (so standard tools can read
+//! it) plus a directory of unpacked layers that the sandbox stacks as
+//! overlay lower layers. Writes are crash-safe (temp + fsync + rename) and
+//! serialised between processes by an flock; layer tarballs are unpacked
+//! with hand-made path checks because they may come from anywhere.
+
+mod digest;
+mod error;
+mod fsutil;
+mod layout;
+mod oci;
+mod reference;
+pub mod template;
+mod unpack;
+
+pub use error::ImageError;
+pub use oci::now_rfc3339;
+pub use layout::{ImageInfo, ImageStore};
+pub use reference::Reference;
+pub use unpack::{unpack_layer, DirectUnpacker, LayerUnpacker};

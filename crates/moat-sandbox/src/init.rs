@@ -1,0 +1,527 @@
+//! The sandbox's init: the process the daemon starts for a sandbox. It makes
+//! the namespaces, becomes PID 1 of the new PID namespace, builds the root
+//! file system, locks itself down and then serves the daemon's requests on the
+//! control socket it inherited as descriptor 3. It reaps orphans, forwards
+//! stop requests to every process, and when it exits the kernel ends every
+//! process left in the sandbox.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{self, BufRead, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use moat_api::init::{InitExec, InitReply, InitRequest};
+use moat_api::{recv_frame, send_frame};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{Pid, Uid};
+
+use crate::spec::SandboxSpec;
+use crate::{mounts, pty, seccomp, userns, SandboxError};
+
+/// The descriptor on which init finds its control socket's listener.
+pub const CONTROL_FD: RawFd = 3;
+
+/// Capabilities that root inside keeps (Docker's default set); every other is
+/// dropped from the bounding set, so not even `sudo` gets it back.
+const KEPT_CAPS: &[u32] = &[0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31];
+
+/// Entry point of the `__sandbox-init` role. Reads the spec from stdin, then
+/// does the user-namespace handshake with the daemon on stdin and stdout.
+pub fn main() -> i32 {
+    match setup_and_fork() {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("error: {e}");
+            1
+        }
+    }
+}
+
+fn setup_and_fork() -> Result<(), SandboxError> {
+    let mut line = String::new();
+    io::stdin().lock().read_line(&mut line).map_err(SandboxError::Handshake)?;
+    let spec: SandboxSpec = serde_json::from_str(&line)
+        .map_err(|e| SandboxError::Start(format!("bad sandbox spec: {e}")))?;
+    userns::become_root_in_new_userns()?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(|e| SandboxError::sys("unshare(namespaces)", e))?;
+    let _ = io::stdout().flush();
+    // CLONE_PARENT makes init the daemon's child rather than ours, so that the
+    // daemon reaps it and this process can exit now.
+    // SAFETY: a raw clone without CLONE_VM is a fork; this process is single-threaded.
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone, libc::CLONE_PARENT | libc::SIGCHLD, 0, 0, 0, 0)
+    };
+    match pid {
+        -1 => Err(SandboxError::sys("clone", Errno::last())),
+        0 => {
+            let code = match run_init(&spec) {
+                Ok(never) => match never {},
+                Err(e) => {
+                    println!("error: {e}");
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+        pid => {
+            println!("init {pid}");
+            Ok(())
+        }
+    }
+}
+
+enum Never {}
+
+fn run_init(spec: &SandboxSpec) -> Result<Never, SandboxError> {
+    mounts::build_root(spec)?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
+    loopback_up()?;
+    // SAFETY: the daemon passed the listener as descriptor 3 and nothing else owns it.
+    let listener = unsafe { UnixListener::from_raw_fd(CONTROL_FD) };
+    set_cloexec(listener.as_raw_fd())?;
+
+    let filters = seccomp::compile()?;
+    drop_bounding_caps()?;
+    if spec.no_new_privs {
+        // SAFETY: plain prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    }
+    seccomp::install(&filters)?;
+    restrict_own_caps()?;
+    // Non-dumpable: processes in the sandbox cannot ptrace init or open its
+    // descriptors through /proc/1/fd, even as the sandbox's root.
+    // SAFETY: plain prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+        mask.add(s);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| SandboxError::sys("sigprocmask", e))?;
+    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| SandboxError::sys("signalfd", e))?;
+
+    println!("ready");
+    let _ = io::stdout().flush();
+    detach_stdio();
+
+    let mut init = Init { sessions: HashMap::new() };
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(SandboxError::sys("poll", e)),
+        }
+        let conn_ready = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let sig_ready = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if sig_ready {
+            while let Ok(Some(info)) = sigfd.read_signal() {
+                if info.ssi_signo != Signal::SIGCHLD as u32 {
+                    init.stop(Duration::from_secs(5));
+                }
+            }
+            init.reap();
+        }
+        if conn_ready {
+            if let Ok((conn, _)) = listener.accept() {
+                init.serve(conn);
+            }
+        }
+    }
+}
+
+struct Init {
+    /// Processes started for the daemon, with the connection that waits for their exit code.
+    sessions: HashMap<i32, UnixStream>,
+}
+
+impl Init {
+    fn serve(&mut self, conn: UnixStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let Ok((req, fds)) = recv_frame::<InitRequest>(&conn) else { return };
+        match req {
+            InitRequest::Ping => reply(&conn, &InitReply::Pong { pid: std::process::id() as i32 }, &[]),
+            InitRequest::Socket { ipv6 } => match door_socket(ipv6) {
+                Ok(sock) => reply(&conn, &InitReply::Socket, &[sock.as_raw_fd()]),
+                Err(e) => reply(&conn, &InitReply::Error { message: e.to_string() }, &[]),
+            },
+            InitRequest::Exec(exec) => match spawn(&exec, fds) {
+                Ok((pid, master)) => {
+                    let fds: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
+                    reply(&conn, &InitReply::Started { pid }, &fds);
+                    self.sessions.insert(pid, conn);
+                }
+                Err(e) => reply(&conn, &InitReply::Error { message: e }, &[]),
+            },
+            InitRequest::Stop { grace_ms } => {
+                reply(&conn, &InitReply::Stopping, &[]);
+                self.stop(Duration::from_millis(grace_ms));
+            }
+        }
+    }
+
+    /// Collect every child that has ended and tell whoever waits for it.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.ended(pid.as_raw(), code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.ended(pid.as_raw(), 128 + sig as i32),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn ended(&mut self, pid: i32, code: i32) {
+        if let Some(conn) = self.sessions.remove(&pid) {
+            reply(&conn, &InitReply::Exited { code }, &[]);
+        }
+    }
+
+    /// SIGTERM to everything, SIGKILL to what is left after `grace`, then exit;
+    /// the kernel kills whatever remains in the PID namespace with us.
+    fn stop(&mut self, grace: Duration) -> ! {
+        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            self.reap();
+            if matches!(waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)), Err(Errno::ECHILD)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        self.reap();
+        std::process::exit(0)
+    }
+}
+
+fn reply(conn: &UnixStream, msg: &InitReply, fds: &[RawFd]) {
+    let _ = send_frame(conn, msg, fds);
+}
+
+fn door_socket(ipv6: bool) -> Result<OwnedFd, SandboxError> {
+    let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2); we own the returned descriptor.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(SandboxError::sys("socket", Errno::last()));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+}
+
+fn set_cloexec(fd: RawFd) -> Result<(), SandboxError> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map(|_| ())
+        .map_err(|e| SandboxError::sys("fcntl(FD_CLOEXEC) on the control socket", e))
+}
+
+fn loopback_up() -> Result<(), SandboxError> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let sock = door_socket(false)?;
+    let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq, which `req` is laid out as.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(SandboxError::sys("SIOCGIFFLAGS lo", Errno::last()));
+        }
+        req.flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(SandboxError::sys("SIOCSIFFLAGS lo", Errno::last()));
+        }
+    }
+    Ok(())
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn drop_bounding_caps() -> Result<(), SandboxError> {
+    for cap in 0..=last_cap() {
+        if KEPT_CAPS.contains(&cap) {
+            continue;
+        }
+        // SAFETY: plain prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(SandboxError::sys(format!("drop capability {cap}"), Errno::last()));
+        }
+    }
+    Ok(())
+}
+
+/// Init itself keeps only what it needs to start processes as other users.
+fn restrict_own_caps() -> Result<(), SandboxError> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut mask: u64 = 0;
+    for cap in KEPT_CAPS {
+        mask |= 1 << cap;
+    }
+    let lo = Data { effective: mask as u32, permitted: mask as u32, inheritable: 0 };
+    let hi = Data { effective: (mask >> 32) as u32, permitted: (mask >> 32) as u32, inheritable: 0 };
+    let header = Header { version: 0x2008_0522, pid: 0 };
+    let data = [lo, hi];
+    // SAFETY: capset reads a v3 header and two data structs, which these are.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(SandboxError::sys("capset", Errno::last()));
+    }
+    Ok(())
+}
+
+/// A user of the sandbox, from its /etc/passwd and /etc/group.
+struct User {
+    uid: u32,
+    gid: u32,
+    name: String,
+    home: String,
+    shell: String,
+    groups: Vec<u32>,
+}
+
+fn resolve_user(spec: Option<&str>) -> Result<User, String> {
+    let wanted = spec.unwrap_or("agent");
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let (who, gid_override) = match wanted.split_once(':') {
+        Some((u, g)) => (u, Some(g.parse::<u32>().map_err(|_| format!("bad group id in {wanted:?}"))?)),
+        None => (wanted, None),
+    };
+    let numeric = who.parse::<u32>().ok();
+    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
+        f.len() >= 7 && (f[0] == who || numeric.is_some_and(|n| f[2].parse::<u32>() == Ok(n)))
+    });
+    let mut user = match (entry, numeric) {
+        (Some(f), _) => User {
+            uid: f[2].parse().map_err(|_| format!("bad uid for {who} in /etc/passwd"))?,
+            gid: f[3].parse().map_err(|_| format!("bad gid for {who} in /etc/passwd"))?,
+            name: f[0].to_string(),
+            home: f[5].to_string(),
+            shell: f[6].to_string(),
+            groups: vec![],
+        },
+        (None, Some(uid)) => User {
+            uid,
+            gid: uid,
+            name: uid.to_string(),
+            home: "/".into(),
+            shell: "/bin/sh".into(),
+            groups: vec![],
+        },
+        (None, None) => return Err(format!("no user {who:?} in the sandbox's /etc/passwd")),
+    };
+    if let Some(g) = gid_override {
+        user.gid = g;
+    }
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    user.groups = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == user.name))
+        .filter_map(|f| f[2].parse().ok())
+        .collect();
+    user.groups.push(user.gid);
+    Ok(user)
+}
+
+fn environment(user: &User, exec: &InitExec) -> Vec<String> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOME".into(), user.home.clone()),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), user.shell.clone()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOSTNAME".into(), nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()),
+    ];
+    if exec.tty {
+        env.push(("TERM".into(), "xterm-256color".into()));
+    }
+    for kv in &exec.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn find_program(argv0: &str, env: &[String]) -> Option<String> {
+    if argv0.contains('/') {
+        return Some(argv0.to_string());
+    }
+    let path = env.iter().find_map(|kv| kv.strip_prefix("PATH=")).unwrap_or("/usr/bin:/bin");
+    path.split(':').map(|dir| format!("{dir}/{argv0}")).find(|p| {
+        let c = CString::new(p.as_str()).unwrap_or_default();
+        // SAFETY: access(2) on a valid C string.
+        unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+    })
+}
+
+/// Start `exec` and return its pid and, with a TTY, the terminal's master side.
+fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), String> {
+    if exec.argv.is_empty() {
+        return Err("no command given".into());
+    }
+    let user = resolve_user(exec.user.as_deref())?;
+    let env = environment(&user, exec);
+    let program = find_program(&exec.argv[0], &env)
+        .ok_or_else(|| format!("{}: executable file not found in $PATH", exec.argv[0]))?;
+    let cwd = exec.cwd.clone().unwrap_or_else(|| user.home.clone());
+    let pty = if exec.tty { Some(pty::open(exec.rows, exec.cols).map_err(|e| e.to_string())?) } else { None };
+
+    let to_c = |s: &str| CString::new(s).map_err(|_| format!("argument with a NUL byte: {s:?}"));
+    let c_program = to_c(&program)?;
+    let c_argv = exec.argv.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
+    let c_env = env.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
+    let c_cwd = to_c(&cwd)?;
+    let c_slave = pty.as_ref().map(|p| to_c(&p.slave_path)).transpose()?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
+
+    // SAFETY: init is single-threaded; the child only calls exec-preparation syscalls.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(format!("fork: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(err_r);
+            let stage = child_exec(&user, &fds, c_slave.as_ref(), &c_cwd, &c_program, &c_argv, &c_env);
+            let errno = Errno::last() as i32;
+            let mut w = std::fs::File::from(err_w);
+            let _ = w.write_all(format!("{stage}:{errno}").as_bytes());
+            // SAFETY: leave without running destructors or atexit handlers of init.
+            unsafe { libc::_exit(127) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(err_w);
+            drop(fds);
+            let mut msg = String::new();
+            let _ = io::Read::read_to_string(&mut std::fs::File::from(err_r), &mut msg);
+            if msg.is_empty() {
+                return Ok((child.as_raw(), pty.map(|p| p.master)));
+            }
+            let _ = waitpid(child, None);
+            let (stage, errno) = msg.split_once(':').unwrap_or((msg.as_str(), "0"));
+            let errno = Errno::from_raw(errno.parse().unwrap_or(0));
+            Err(match stage {
+                "chdir" => format!("cannot enter the working directory {cwd}: {errno}"),
+                "exec" => format!("cannot run {program}: {errno}"),
+                other => format!("cannot start {}: {other}: {errno}", exec.argv[0]),
+            })
+        }
+    }
+}
+
+/// In the forked child: become the user, wire the standard descriptors, exec.
+/// Returns only on failure, naming the step that failed.
+fn child_exec(
+    user: &User,
+    fds: &[OwnedFd],
+    slave: Option<&CString>,
+    cwd: &CString,
+    program: &CString,
+    argv: &[CString],
+    env: &[CString],
+) -> &'static str {
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for sig in 1..32 {
+        // SAFETY: restoring default dispositions in the child before exec.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    if nix::unistd::setsid().is_err() {
+        return "setsid";
+    }
+    if let Some(slave) = slave {
+        // SAFETY: open(2) on a valid C string.
+        let fd = unsafe { libc::open(slave.as_ptr(), libc::O_RDWR) };
+        // SAFETY: TIOCSCTTY takes an int argument.
+        if fd < 0 || unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } < 0 {
+            return "terminal";
+        }
+        for target in 0..3 {
+            // SAFETY: dup2 on descriptors we hold.
+            unsafe { libc::dup2(fd, target) };
+        }
+    } else {
+        // Descriptors received from the daemon may sit at 0..2 already; move
+        // them above first so that dup2 never clobbers one before it is used.
+        let moved: Vec<RawFd> = fds
+            .iter()
+            // SAFETY: F_DUPFD_CLOEXEC on descriptors we hold.
+            .map(|fd| unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) })
+            .collect();
+        for target in 0..3 {
+            let src = match moved.get(target as usize) {
+                Some(fd) if *fd >= 0 => *fd,
+                // SAFETY: open(2) on a static C string.
+                _ => unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) },
+            };
+            // SAFETY: dup2 on descriptors we hold.
+            unsafe { libc::dup2(src, target) };
+        }
+    }
+    let groups: Vec<nix::unistd::Gid> = user.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    if nix::unistd::setgroups(&groups).is_err() {
+        return "setgroups";
+    }
+    let gid = nix::unistd::Gid::from_raw(user.gid);
+    if nix::unistd::setresgid(gid, gid, gid).is_err() {
+        return "setgid";
+    }
+    let uid = Uid::from_raw(user.uid);
+    if nix::unistd::setresuid(uid, uid, uid).is_err() {
+        return "setuid";
+    }
+    // SAFETY: chdir(2) on a valid C string.
+    if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
+        return "chdir";
+    }
+    let _ = nix::unistd::execve(program, argv, env);
+    "exec"
+}
+

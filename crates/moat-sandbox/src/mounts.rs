@@ -1,0 +1,253 @@
+//! Putting the sandbox's root file system together, inside its new mount
+//! namespace and before `pivot_root`: the overlay, `/proc` with its masked
+//! paths, a read-only `/sys`, a minimal `/dev`, the workspaces and the files
+//! the daemon wrote. No sandbox process runs while this happens (init is the
+//! only one), so checking a path for symlinks and then mounting on it cannot
+//! be raced from inside.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::unistd::{chdir, pivot_root};
+
+use crate::spec::{BindMount, SandboxSpec};
+use crate::SandboxError;
+
+/// Files in /proc that leak host information or offer host controls.
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore", "keys", "kmsg", "timer_list", "sched_debug", "latency_stats", "mtrr", "kallsyms",
+];
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "driver"];
+const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
+const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn m(
+    source: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), SandboxError> {
+    mount(source, target, fstype, flags, data)
+        .map_err(|e| SandboxError::sys(format!("mount {} on {}", source.unwrap_or("-"), target.display()), e))
+}
+
+/// Build the root file system at `spec.rootfs` and make it `/`.
+pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
+    // Nothing we mount from here on may propagate back to the host.
+    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+
+    let root = spec.rootfs.as_path();
+    let lower: Vec<String> = spec.lower_dirs.iter().rev().map(|p| p.display().to_string()).collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        spec.upper_dir.display(),
+        spec.work_dir.display()
+    );
+    m(Some("overlay"), root, Some("overlay"), MsFlags::empty(), Some(&data))?;
+
+    mount_proc(root)?;
+    mount_sys(root)?;
+    mount_dev(root)?;
+    for ws in &spec.workspaces {
+        bind(root, ws, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+    }
+    for file in &spec.files {
+        bind(root, file, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC)?;
+    }
+    enter_root(root)
+}
+
+fn mount_proc(root: &Path) -> Result<(), SandboxError> {
+    let proc_dir = prepare(root, "/proc", Kind::Dir)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m(Some("proc"), &proc_dir, Some("proc"), flags, None)?;
+    for name in PROC_MASKED_FILES {
+        let p = proc_dir.join(name);
+        if p.exists() {
+            m(Some("/dev/null"), &p, None, MsFlags::MS_BIND, None)?;
+        }
+    }
+    for name in PROC_MASKED_DIRS {
+        let p = proc_dir.join(name);
+        if p.is_dir() {
+            m(Some("tmpfs"), &p, Some("tmpfs"), MsFlags::MS_RDONLY | flags, Some("size=0"))?;
+        }
+    }
+    for name in PROC_READ_ONLY {
+        let p = proc_dir.join(name);
+        if p.exists() {
+            m(Some(&p.display().to_string()), &p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            set_attrs(&p, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_sys(root: &Path) -> Result<(), SandboxError> {
+    let sys = prepare(root, "/sys", Kind::Dir)?;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if mount(Some("sysfs"), &sys, Some("sysfs"), flags, None::<&str>).is_err() {
+        // A fresh sysfs needs a fully visible one on the host; where there is
+        // none, an empty read-only /sys is what the sandbox gets.
+        m(Some("tmpfs"), &sys, Some("tmpfs"), flags, Some("size=0"))?;
+        return Ok(());
+    }
+    let firmware = sys.join("firmware");
+    if firmware.is_dir() {
+        m(Some("tmpfs"), &firmware, Some("tmpfs"), flags, Some("size=0"))?;
+    }
+    Ok(())
+}
+
+fn mount_dev(root: &Path) -> Result<(), SandboxError> {
+    let dev = prepare(root, "/dev", Kind::Dir)?;
+    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=64k"))?;
+    for node in DEV_NODES {
+        let target = dev.join(node);
+        fs::write(&target, b"").map_err(|e| SandboxError::io(format!("create {}", target.display()), e))?;
+        let source = format!("/dev/{node}");
+        m(Some(&source), &target, None, MsFlags::MS_BIND, None)?;
+        set_attrs(&target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)?;
+    }
+    let pts = dev.join("pts");
+    mkdir(&pts, 0o755)?;
+    m(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    let shm = dev.join("shm");
+    mkdir(&shm, 0o1777)?;
+    m(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=64m"),
+    )?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(to, dev.join(link)).map_err(|e| SandboxError::io(format!("symlink /dev/{link}"), e))?;
+    }
+    Ok(())
+}
+
+fn bind(root: &Path, b: &BindMount, extra: MsFlags) -> Result<(), SandboxError> {
+    let kind = if b.source.is_dir() { Kind::Dir } else { Kind::File };
+    let target = prepare(root, &b.target.display().to_string(), kind)?;
+    m(Some(&b.source.display().to_string()), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    let mut attrs = 0;
+    if extra.contains(MsFlags::MS_NOSUID) {
+        attrs |= MOUNT_ATTR_NOSUID;
+    }
+    if extra.contains(MsFlags::MS_NODEV) {
+        attrs |= MOUNT_ATTR_NODEV;
+    }
+    if extra.contains(MsFlags::MS_NOEXEC) {
+        attrs |= MOUNT_ATTR_NOEXEC;
+    }
+    if b.read_only {
+        attrs |= MOUNT_ATTR_RDONLY;
+    }
+    set_attrs(&target, attrs)
+}
+
+fn enter_root(root: &Path) -> Result<(), SandboxError> {
+    chdir(root).map_err(|e| SandboxError::sys("chdir to the new root", e))?;
+    pivot_root(".", ".").map_err(|e| SandboxError::sys("pivot_root", e))?;
+    // The old root is stacked under the new one at "."; detach it so that no
+    // path from inside can reach the host's tree.
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| SandboxError::sys("detach the host root", e))?;
+    chdir("/").map_err(|e| SandboxError::sys("chdir /", e))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Dir,
+    File,
+}
+
+/// The host path of `inside` under `root`, with every missing component made
+/// and none of them a symlink (a sandbox could have planted one in its upper
+/// layer to redirect a mount).
+fn prepare(root: &Path, inside: &str, kind: Kind) -> Result<PathBuf, SandboxError> {
+    let mut path = root.to_path_buf();
+    let comps: Vec<Component> = Path::new(inside).components().collect();
+    for (i, comp) in comps.iter().enumerate() {
+        let Component::Normal(name) = comp else { continue };
+        path.push(name);
+        let last = i + 1 == comps.len();
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(SandboxError::SymlinkInRoot(inside.to_string()))
+            }
+            Ok(_) => {}
+            Err(_) if last && matches!(kind, Kind::File) => {
+                fs::write(&path, b"").map_err(|e| SandboxError::io(format!("create {inside}"), e))?
+            }
+            Err(_) => mkdir(&path, 0o755)?,
+        }
+    }
+    Ok(path)
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), SandboxError> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(SandboxError::io(format!("mkdir {}", path.display()), e)),
+    }
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Add mount attributes to the mount at `path` and every mount under it.
+/// Unlike a `MS_REMOUNT`, this keeps the flags that a user namespace may not
+/// clear (those the host mount had), so it works for binds of host paths.
+fn set_attrs(path: &Path, attrs: u64) -> Result<(), SandboxError> {
+    if attrs == 0 {
+        return Ok(());
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| SandboxError::Start(format!("path with a NUL byte: {}", path.display())))?;
+    let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: `c` and `attr` are valid for the call; the kernel copies them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(SandboxError::sys(format!("mount_setattr {}", path.display()), nix::Error::last()));
+    }
+    Ok(())
+}

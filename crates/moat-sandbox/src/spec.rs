@@ -1,0 +1,33 @@
+//! What a sandbox is made of, as the daemon hands it to the sandbox's init.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SandboxSpec {
+    pub id: String,
+    /// The sandbox's name, which is also its hostname.
+    pub hostname: String,
+    /// The image's unpacked layers, lowest first.
+    pub lower_dirs: Vec<PathBuf>,
+    /// The sandbox's own layer and overlayfs's work directory (same file system).
+    pub upper_dir: PathBuf,
+    pub work_dir: PathBuf,
+    /// An empty directory where the root file system is put together.
+    pub rootfs: PathBuf,
+    pub workspaces: Vec<BindMount>,
+    /// Files the daemon writes for the sandbox (`/etc/hosts`, …), bound read-only.
+    pub files: Vec<BindMount>,
+    /// Set `no_new_privs` on every process; this disables the template's `sudo`.
+    pub no_new_privs: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BindMount {
+    /// The host path.
+    pub source: PathBuf,
+    /// The path inside the sandbox.
+    pub target: PathBuf,
+    pub read_only: bool,
+}
