@@ -186,7 +186,11 @@ impl Daemon {
             return Err(e);
         }
         lock(&self.state).set_phase(&info.id, "stopped", None, None)?;
-        self.start(&info.name, r)
+        // A sandbox that cannot start the first time is not kept.
+        self.start(&info.name, r).inspect_err(|_| {
+            self.remove_files(&info.id);
+            let _ = lock(&self.state).delete(&info.id);
+        })
     }
 
     /// `run AGENT WORKSPACE…`: reuse the sandbox of that agent on those workspaces.
@@ -470,7 +474,12 @@ impl Daemon {
             if let Some(img) = self.images.get(&reference)? {
                 return Ok(img);
             }
-            return self.template_build(template_or_image, r);
+            let _guard = lock(&self.image_lock);
+            // Someone else may have built it while we waited for the lock.
+            if let Some(img) = self.images.get(&reference)? {
+                return Ok(img);
+            }
+            return self.build_template_locked(template_or_image, r);
         }
         let reference = Reference::parse(template_or_image)?;
         self.images.get(&reference)?.ok_or_else(|| {
@@ -486,6 +495,12 @@ impl Daemon {
             DaemonError::BadRequest(format!("no template named {name:?}; templates are {}", template::names().join(", ")))
         })?;
         let _guard = lock(&self.image_lock);
+        self.build_template_locked(name, r)
+    }
+
+    fn build_template_locked(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
+        let recipe = template::recipe(name)
+            .ok_or_else(|| DaemonError::BadRequest(format!("no template named {name:?}")))?;
         r.progress(format!("building template {name} from Debian packages (about a minute, once)"));
         let tar = template::build_rootfs(recipe, &self.paths.cache, &mut |line: &str| r.progress(line.to_string()))?;
         r.progress(format!("importing template {name} into the image store"));

@@ -47,7 +47,9 @@ pub fn start(l: &Launch) -> Result<i32, SandboxError> {
 
     let listen_fd = listener.as_raw_fd();
     let mut cmd = Command::new(l.exe);
-    cmd.arg(INIT_ROLE)
+    // argv[0] is all a sandbox can learn of init's binary: not its host path.
+    cmd.arg0("moat-init")
+        .arg(INIT_ROLE)
         .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
