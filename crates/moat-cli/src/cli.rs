@@ -443,9 +443,16 @@ fn template(cmd: TemplateCmd) -> Result<i32> {
     }
 }
 
-/// The caller's standard descriptors, for a process started without a terminal.
-pub fn stdio_fds(interactive: bool) -> Result<(Vec<i32>, Option<std::fs::File>)> {
-    let null = if interactive { None } else { Some(std::fs::File::open("/dev/null")?) };
-    let stdin = null.as_ref().map(|f| f.as_raw_fd()).unwrap_or(0);
-    Ok((vec![stdin, 1, 2], null))
+/// The caller's standard descriptors, for a process started without a
+/// terminal: stdin only with -i, and none of them for a detached process,
+/// which must not keep the caller's pipes open after the caller is gone.
+pub fn stdio_fds(interactive: bool, detach: bool) -> Result<(Vec<i32>, Option<std::fs::File>)> {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let n = null.as_raw_fd();
+    let fds = match (detach, interactive) {
+        (true, _) => vec![n, n, n],
+        (false, true) => vec![0, 1, 2],
+        (false, false) => vec![n, 1, 2],
+    };
+    Ok((fds, Some(null)))
 }

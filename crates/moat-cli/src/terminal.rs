@@ -31,7 +31,7 @@ pub fn exec(mut req: ExecRequest, interactive: bool) -> Result<i32> {
         let Some(master) = fds.pop() else { bail!("the daemon sent no terminal") };
         return tty_session(&call, master, interactive);
     }
-    let (fds, _null) = crate::cli::stdio_fds(interactive)?;
+    let (fds, _null) = crate::cli::stdio_fds(interactive, detach)?;
     let call = Call::start(&Request::SandboxExec(req), &fds)?;
     let (pid, _) = wait_started(&call)?;
     if detach {

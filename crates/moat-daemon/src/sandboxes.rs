@@ -471,17 +471,14 @@ impl Daemon {
     fn resolve_image(&self, template_or_image: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
         if template::recipe(template_or_image).is_some() {
             let reference = Reference::parse(&template_reference(template_or_image))?;
-            if let Some(img) = self.images.get(&reference)? {
-                return Ok(img);
-            }
             let _guard = lock(&self.image_lock);
-            // Someone else may have built it while we waited for the lock.
             if let Some(img) = self.images.get(&reference)? {
                 return Ok(img);
             }
             return self.build_template_locked(template_or_image, r);
         }
         let reference = Reference::parse(template_or_image)?;
+        let _guard = lock(&self.image_lock);
         self.images.get(&reference)?.ok_or_else(|| {
             DaemonError::BadRequest(format!(
                 "unknown template or image {template_or_image:?}: templates are {}; images are listed by `moat image ls`",
@@ -491,16 +488,14 @@ impl Daemon {
     }
 
     pub fn template_build(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
-        let recipe = template::recipe(name).ok_or_else(|| {
-            DaemonError::BadRequest(format!("no template named {name:?}; templates are {}", template::names().join(", ")))
-        })?;
         let _guard = lock(&self.image_lock);
         self.build_template_locked(name, r)
     }
 
     fn build_template_locked(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
-        let recipe = template::recipe(name)
-            .ok_or_else(|| DaemonError::BadRequest(format!("no template named {name:?}")))?;
+        let recipe = template::recipe(name).ok_or_else(|| {
+            DaemonError::BadRequest(format!("no template named {name:?}; templates are {}", template::names().join(", ")))
+        })?;
         r.progress(format!("building template {name} from Debian packages (about a minute, once)"));
         let tar = template::build_rootfs(recipe, &self.paths.cache, &mut |line: &str| r.progress(line.to_string()))?;
         r.progress(format!("importing template {name} into the image store"));

@@ -1,0 +1,160 @@
+//! Shared set-up of the end-to-end tests: they drive the real `moat` binary,
+//! which starts a real daemon, against the real `shell` template.
+//!
+//! All tests of one build share a state root and a daemon (nextest runs each
+//! test in its own process, and the template import is the slow part), with
+//! sandbox names made unique per test. The template's root file system comes
+//! from the user's cache (`~/.cache/moat`), built once by mmdebstrap.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_moat");
+
+static ISOLATED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Give this test process a daemon and state of its own, for tests that
+/// kill the daemon. (nextest runs every test in its own process.)
+pub fn use_isolated_roots(name: &str) {
+    ISOLATED.set(name.to_string()).expect("set once");
+}
+
+/// The state and runtime roots of this build's test daemon.
+pub fn roots() -> (PathBuf, PathBuf) {
+    let meta = std::fs::metadata(BIN).expect("the moat binary");
+    let which = ISOLATED.get().map(String::as_str).unwrap_or("shared");
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e").join(which);
+    // A new binary gets a new runtime root, hence a new daemon.
+    let stamp = format!("{:x}-{:x}", meta.mtime(), meta.size());
+    let runtime = PathBuf::from(format!("/tmp/moat-e2e-{which}-{stamp}"));
+    (base.join("state"), runtime)
+}
+
+/// A command for the `moat` binary with the tests' roots.
+pub fn moat_cmd() -> Command {
+    let (state, runtime) = roots();
+    let mut cmd = Command::new(BIN);
+    cmd.env("MOAT_HOME", state).env("MOAT_RUNTIME_DIR", runtime).env_remove("MOAT_CONFIG");
+    cmd
+}
+
+pub fn moat(args: &[&str]) -> Output {
+    moat_cmd().args(args).stdin(Stdio::null()).output().expect("run moat")
+}
+
+/// Run and insist on success; returns stdout.
+pub fn moat_ok(args: &[&str]) -> String {
+    let out = moat(args);
+    assert!(out.status.success(), "moat {args:?} failed: {}\n{}", text(&out.stderr), text(&out.stdout));
+    text(&out.stdout)
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The template image, built or imported once per state root.
+pub fn ensure_template() {
+    // One test process builds; the others wait for it.
+    let (state, _) = roots();
+    std::fs::create_dir_all(&state).unwrap();
+    let lock = std::fs::File::create(state.with_extension("template-lock")).unwrap();
+    lock.lock().unwrap();
+    let listed = moat_ok(&["image", "ls", "-q"]);
+    if !listed.lines().any(|l| l == "moat/shell:latest") {
+        moat_ok(&["template", "build", "shell"]);
+    }
+}
+
+/// A unique name for this test process.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A running sandbox, removed when dropped.
+pub struct Sandbox {
+    pub name: String,
+    pub workspace: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new(prefix: &str) -> Sandbox {
+        Sandbox::with_args(prefix, &[])
+    }
+
+    /// Create with extra `create` flags (limits, extra workspaces).
+    pub fn with_args(prefix: &str, extra: &[&str]) -> Sandbox {
+        ensure_template();
+        let workspace = tempfile::Builder::new().prefix("moat-ws-").tempdir_in("/tmp").unwrap();
+        let name = unique(prefix);
+        let ws = workspace.path().to_str().unwrap().to_string();
+        let mut args = vec!["sandbox", "create", "--name", &name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["shell", &ws]);
+        moat_ok(&args);
+        Sandbox { name, workspace }
+    }
+
+    pub fn ws(&self) -> &Path {
+        self.workspace.path()
+    }
+
+    /// `sh -c SCRIPT` inside as `agent`.
+    pub fn sh(&self, script: &str) -> Output {
+        moat(&["sandbox", "exec", &self.name, "sh", "-c", script])
+    }
+
+    /// `sh -c SCRIPT` inside as the sandbox's root.
+    pub fn root_sh(&self, script: &str) -> Output {
+        moat(&["sandbox", "exec", "-u", "root", &self.name, "sh", "-c", script])
+    }
+
+    pub fn inspect(&self) -> serde_json::Value {
+        let out = moat_ok(&["sandbox", "inspect", &self.name]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0].clone()
+    }
+
+    pub fn init_pid(&self) -> i32 {
+        self.inspect()["pid"].as_i64().expect("a running sandbox has a pid") as i32
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = moat(&["sandbox", "rm", &self.name]);
+    }
+}
+
+/// Every pid on the host whose PID namespace is that of `init_pid`.
+pub fn pids_in_sandbox(init_pid: i32) -> Vec<i32> {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else { return vec![] };
+    let mut out = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid == init_pid {
+            out.push(pid);
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() == Some(&ns) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn python_in_sandbox(sb: &Sandbox, code: &str, root: bool) -> Output {
+    let path = sb.ws().join(format!("probe-{}.py", unique("p")));
+    std::fs::write(&path, code).unwrap();
+    let p = path.to_str().unwrap();
+    if root {
+        moat(&["sandbox", "exec", "-u", "root", &sb.name, "python3", p])
+    } else {
+        moat(&["sandbox", "exec", &sb.name, "python3", p])
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install what moat needs on a Debian/Ubuntu host (as root, or through sudo):
+#   mmdebstrap  builds the `shell` template from Debian's packages
+#   uidmap      newuidmap/newgidmap, for rootless sandboxes
+# and, for the tests and benchmarks: bubblewrap (the speed peer), tmux (terminal tests).
+# Installs only what is missing, so a second run costs nothing.
+set -euo pipefail
+need=()
+for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl; do
+  cmd=${pair%%:*} pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "moat: installing ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "moat: cargo is missing; install Rust from https://rustup.rs" >&2
+  exit 1
+fi
