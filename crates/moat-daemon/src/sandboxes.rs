@@ -288,23 +288,16 @@ impl Daemon {
         Ok(row.layers.iter().map(|l| self.images.layer_dir(l)).collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// The sandbox's directories; the state directory belongs to the
-    /// sandbox's root so that its init can make its upper layer there.
+    /// The sandbox's state directory. Its init makes the upper layer in it,
+    /// as the sandbox's root, which must therefore own it (as root; rootless,
+    /// the daemon's own uid is mapped inside and that suffices).
     fn make_files(&self, info: &SandboxInfo) -> Result<(), DaemonError> {
         let dir = self.paths.sandbox_state(&info.id);
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
-        for sub in ["upper", "work"] {
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(dir.join(sub))
-                .map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
-        }
         if !self.idmap.rootless {
             let uid = self.idmap.host_uid(0).map(nix::unistd::Uid::from_raw);
             let gid = self.idmap.host_gid(0).map(nix::unistd::Gid::from_raw);
-            for p in [dir.join("upper"), dir.join("work")] {
-                nix::unistd::chown(&p, uid, gid).map_err(|e| DaemonError::io(format!("chown {}", p.display()), e.into()))?;
-            }
+            nix::unistd::chown(&dir, uid, gid).map_err(|e| DaemonError::io(format!("chown {}", dir.display()), e.into()))?;
         }
         Ok(())
     }

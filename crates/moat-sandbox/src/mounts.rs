@@ -40,6 +40,10 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
     // Nothing we mount from here on may propagate back to the host.
     m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
 
+    // Made here, as the sandbox's root, so that `/` inside belongs to root
+    // also when the daemon is rootless and cannot chown to a subordinate id.
+    mkdir(&spec.upper_dir, 0o755)?;
+    mkdir(&spec.work_dir, 0o755)?;
     let root = spec.rootfs.as_path();
     let lower: Vec<String> = spec.lower_dirs.iter().rev().map(|p| p.display().to_string()).collect();
     let data = format!(
