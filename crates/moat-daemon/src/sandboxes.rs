@@ -157,10 +157,20 @@ impl Daemon {
             }
             None => self.default_name(&req.agent, &workspaces[0].path)?,
         };
+        // An explicit 0 means no limit; an absent value takes the configured default.
+        let pick = |asked: Option<u64>, default: u64| match asked {
+            Some(0) => None,
+            Some(v) => Some(v),
+            None => Some(default).filter(|d| *d > 0),
+        };
         let limits = Limits {
-            memory: req.limits.memory.or(self.config.default_memory()),
-            cpus: req.limits.cpus.or(Some(self.config.sandbox.cpus).filter(|c| *c > 0.0)),
-            pids: req.limits.pids.or(Some(self.config.sandbox.pids_limit).filter(|p| *p > 0)),
+            memory: pick(req.limits.memory, self.config.default_memory().unwrap_or(0)),
+            cpus: match req.limits.cpus {
+                Some(c) if c <= 0.0 => None,
+                Some(c) => Some(c),
+                None => Some(self.config.sandbox.cpus).filter(|c| *c > 0.0),
+            },
+            pids: pick(req.limits.pids, self.config.sandbox.pids_limit),
             enforced: false,
             note: String::new(),
         };

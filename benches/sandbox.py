@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Sandbox benchmarks, each against its peer in the same run (DESIGN.md budgets).
+
+  exec       `moat sandbox exec NAME true` vs `bwrap --unshare-all --ro-bind / / true`   budget: within 2x
+  create     `moat sandbox create` + first command, image local                     budget: < 100 ms median
+  memory     host memory per idle running sandbox (daemon side + init)              budget: < 5 MiB
+  file I/O   untar and delete a source tree in the workspace, inside vs on the host budget: within 5 %
+
+Usage: benches/sandbox.py [--moat target/release/moat] [--runs N]
+Uses its own state and runtime roots under /tmp/moat-bench; the template comes
+from the cache (~/.cache/moat), built on first use.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--moat", default="target/release/moat")
+ap.add_argument("--runs", type=int, default=200)
+args = ap.parse_args()
+MOAT = os.path.abspath(args.moat)
+ENV = dict(os.environ, MOAT_HOME="/tmp/moat-bench/state", MOAT_RUNTIME_DIR="/tmp/moat-bench/run")
+
+
+def moat(*a, check=True):
+    return subprocess.run([MOAT, *a], env=ENV, check=check, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def timed(cmd, env=None):
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def median_ms(xs):
+    return statistics.median(xs) * 1000
+
+
+moat("sandbox", "reset", "-f", check=False)
+moat("template", "build", "shell") if "moat/shell:latest" not in moat("image", "ls", "-q").stdout.split() else None
+ws = tempfile.mkdtemp(prefix="moat-bench-ws-")
+moat("sandbox", "create", "--name", "bench", "shell", ws)
+
+# --- exec vs bwrap, interleaved so that noise hits both alike
+moat_t, bwrap_t = [], []
+for _ in range(args.runs):
+    moat_t.append(timed([MOAT, "sandbox", "exec", "bench", "true"], ENV))
+    bwrap_t.append(timed(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"]))
+m, b = median_ms(moat_t), median_ms(bwrap_t)
+print(f"exec true:   moat {m:.2f} ms   bwrap {b:.2f} ms   ratio {m / b:.2f}x   (budget: within 2x)")
+
+# --- create + first command
+create_t = []
+for i in range(20):
+    name = f"c{i}"
+    t = time.perf_counter()
+    moat("sandbox", "create", "--name", name, "shell", ws)
+    moat("sandbox", "exec", name, "true")
+    create_t.append(time.perf_counter() - t)
+    moat("sandbox", "rm", name)
+print(f"create+exec: median {median_ms(create_t):.1f} ms  (p90 {sorted(create_t)[17] * 1000:.1f} ms; budget: < 100 ms)")
+
+
+# --- memory per idle sandbox
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pss_kib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+daemon = int(open("/tmp/moat-bench/run/moat.lock").read().strip())
+N = 10
+before = rss_kib(daemon)
+for i in range(N):
+    moat("sandbox", "create", "--name", f"m{i}", "shell", ws)
+time.sleep(1)
+after = rss_kib(daemon)
+import json
+pids = [json.loads(moat("sandbox", "inspect", f"m{i}").stdout)[0]["pid"] for i in range(N)]
+init_pss = statistics.mean(pss_kib(p) for p in pids)
+init_rss = statistics.mean(rss_kib(p) for p in pids)
+per = (after - before) / N + init_pss
+print(f"memory:      {per / 1024:.2f} MiB per idle sandbox (daemon +{(after - before) / N:.0f} KiB, init PSS {init_pss:.0f} KiB, init RSS {init_rss:.0f} KiB; budget: < 5 MiB)")
+for i in range(N):
+    moat("sandbox", "rm", f"m{i}")
+
+# --- file I/O: untar and delete a source tree, inside vs on the host
+src = "/usr/lib/python3" if os.path.isdir("/usr/lib/python3") else "/usr/share"
+tarball = os.path.join(ws, "tree.tar")
+subprocess.run(["tar", "cf", tarball, "-C", os.path.dirname(src), os.path.basename(src)], check=True)
+script = f"mkdir -p {ws}/x && tar xf {tarball} -C {ws}/x && rm -rf {ws}/x"
+host_t, in_t = [], []
+for _ in range(7):
+    host_t.append(timed(["sh", "-c", script]))
+    in_t.append(timed([MOAT, "sandbox", "exec", "bench", "sh", "-c", script], ENV))
+h, s = median_ms(host_t), median_ms(in_t)
+size = os.path.getsize(tarball) / 1e6
+print(f"file I/O:    untar+rm {size:.0f} MB tree: inside {s:.0f} ms   host {h:.0f} ms   ratio {s / h:.3f}  (budget: within 5 %)")
+
+moat("sandbox", "reset", "-f")
+shutil.rmtree(ws, ignore_errors=True)
