@@ -67,9 +67,7 @@ pub fn send_frame<T: Serialize>(
 }
 
 /// Receive one frame and the descriptors that came with it.
-pub fn recv_frame<T: DeserializeOwned>(
-    sock: &UnixStream,
-) -> Result<(T, Vec<OwnedFd>), FrameError> {
+pub fn recv_frame<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>), FrameError> {
     let mut len = [0u8; 4];
     let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut fds = Vec::new();
@@ -90,7 +88,10 @@ pub fn recv_frame<T: DeserializeOwned>(
             if let ControlMessageOwned::ScmRights(list) = c {
                 // SAFETY: the kernel just installed these descriptors in our
                 // table for us; nothing else owns them.
-                fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    list.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         msg.bytes
@@ -141,7 +142,10 @@ mod tests {
         got.read_to_string(&mut s).unwrap();
         assert_eq!(s, "hello");
         drop(a);
-        assert!(matches!(recv_frame::<serde_json::Value>(&b), Err(FrameError::Closed)));
+        assert!(matches!(
+            recv_frame::<serde_json::Value>(&b),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -149,7 +153,10 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let mut w = &a;
         w.write_all(&(u32::MAX).to_be_bytes()).unwrap();
-        assert!(matches!(recv_frame::<serde_json::Value>(&b), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            recv_frame::<serde_json::Value>(&b),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     fn tempfile_like() -> std::fs::File {

@@ -13,9 +13,13 @@ pub enum InitRequest {
     Exec(InitExec),
     /// A fresh, unbound TCP socket made in the sandbox's network namespace:
     /// the daemon binds or connects it to open a door.
-    Socket { ipv6: bool },
+    Socket {
+        ipv6: bool,
+    },
     /// End every process: SIGTERM, then SIGKILL after `grace_ms`, then init exits.
-    Stop { grace_ms: u64 },
+    Stop {
+        grace_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

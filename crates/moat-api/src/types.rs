@@ -16,33 +16,64 @@ pub enum Request {
     /// `run AGENT WORKSPACE…`: the sandbox for that agent and those workspaces,
     /// created if there is none, started if it is stopped.
     SandboxEnsure(CreateSandbox),
-    SandboxStart { name: String },
+    SandboxStart {
+        name: String,
+    },
     SandboxExec(ExecRequest),
     SandboxList,
-    SandboxInspect { name: String },
-    SandboxStop { name: String },
-    SandboxRm { name: String },
+    SandboxInspect {
+        name: String,
+    },
+    SandboxStop {
+        name: String,
+    },
+    SandboxRm {
+        name: String,
+    },
     SandboxReset,
-    SandboxPorts { name: String, publish: Vec<PortMapping>, unpublish: Vec<u16> },
+    SandboxPorts {
+        name: String,
+        publish: Vec<PortMapping>,
+        unpublish: Vec<u16>,
+    },
     ImageList,
-    ImageRm { reference: String },
-    ImageImport { path: String, reference: String },
-    TemplateBuild { name: String },
+    ImageRm {
+        reference: String,
+    },
+    ImageImport {
+        path: String,
+        reference: String,
+    },
+    TemplateBuild {
+        name: String,
+    },
 }
 
 /// Every reply is a stream of these, ending in `Ok`, `Error` or `Exited`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
-    Progress { message: String },
+    Progress {
+        message: String,
+    },
     /// Something the user should see on stderr, such as a limit that cannot be enforced.
-    Warning { message: String },
-    Ok { value: serde_json::Value },
-    Error { message: String },
+    Warning {
+        message: String,
+    },
+    Ok {
+        value: serde_json::Value,
+    },
+    Error {
+        message: String,
+    },
     /// The process runs; with a TTY the terminal's master side travels with this reply.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// The process ended: its exit code, or 128 + the signal that killed it.
-    Exited { code: i32 },
+    Exited {
+        code: i32,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -114,14 +145,18 @@ impl std::str::FromStr for PortMapping {
     type Err = String;
     /// `HOST:SANDBOX`, or one port for both.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("bad port mapping {s:?}: write HOST_PORT:SANDBOX_PORT, e.g. 8080:3000");
+        let bad =
+            || format!("bad port mapping {s:?}: write HOST_PORT:SANDBOX_PORT, e.g. 8080:3000");
         let (h, c) = s.split_once(':').unwrap_or((s, s));
         let host_port = h.parse().map_err(|_| bad())?;
         let sandbox_port = c.parse().map_err(|_| bad())?;
         if host_port == 0 || sandbox_port == 0 {
             return Err(bad());
         }
-        Ok(PortMapping { host_port, sandbox_port })
+        Ok(PortMapping {
+            host_port,
+            sandbox_port,
+        })
     }
 }
 
@@ -171,11 +206,17 @@ mod tests {
     fn port_mappings_parse() {
         assert_eq!(
             "8080:3000".parse::<PortMapping>(),
-            Ok(PortMapping { host_port: 8080, sandbox_port: 3000 })
+            Ok(PortMapping {
+                host_port: 8080,
+                sandbox_port: 3000
+            })
         );
         assert_eq!(
             "5000".parse::<PortMapping>(),
-            Ok(PortMapping { host_port: 5000, sandbox_port: 5000 })
+            Ok(PortMapping {
+                host_port: 5000,
+                sandbox_port: 5000
+            })
         );
         assert!("0:1".parse::<PortMapping>().is_err());
         assert!("a:b".parse::<PortMapping>().is_err());
@@ -183,7 +224,9 @@ mod tests {
 
     #[test]
     fn requests_are_tagged_json() {
-        let r = Request::SandboxStop { name: "demo".into() };
+        let r = Request::SandboxStop {
+            name: "demo".into(),
+        };
         let s = serde_json::to_value(&r).unwrap();
         assert_eq!(s, serde_json::json!({"op": "sandbox_stop", "name": "demo"}));
     }

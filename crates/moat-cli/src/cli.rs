@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use moat_api::{CreateSandbox, ExecRequest, LimitsRequest, PortMapping, Request, SandboxInfo, VersionInfo};
+use moat_api::{
+    CreateSandbox, ExecRequest, LimitsRequest, PortMapping, Request, SandboxInfo, VersionInfo,
+};
 use moat_images::ImageInfo;
 
 use crate::client::call;
@@ -16,7 +18,11 @@ use crate::output::{human_size, table, truncate};
 use crate::terminal;
 
 #[derive(Parser)]
-#[command(name = "moat", version, about = "Run AI coding agents in Linux sandboxes, with an egress gateway and local models")]
+#[command(
+    name = "moat",
+    version,
+    about = "Run AI coding agents in Linux sandboxes, with an egress gateway and local models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -195,7 +201,10 @@ pub fn main() -> Result<i32> {
     match cli.command {
         Command::Daemon => {
             tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG").unwrap_or_else(|_| "info".into()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
                 .with_writer(std::io::stderr)
                 .init();
             let config = moat_daemon::Config::load()?;
@@ -212,7 +221,13 @@ pub fn main() -> Result<i32> {
 fn version() -> Result<i32> {
     println!("Client: moat {}", env!("CARGO_PKG_VERSION"));
     let v: VersionInfo = call(&Request::Version)?;
-    println!("Daemon: moat {} (pid {}, protocol {}, {})", v.version, v.pid, v.protocol, if v.rootless { "rootless" } else { "root" });
+    println!(
+        "Daemon: moat {} (pid {}, protocol {}, {})",
+        v.version,
+        v.pid,
+        v.protocol,
+        if v.rootless { "rootless" } else { "root" }
+    );
     Ok(0)
 }
 
@@ -223,18 +238,33 @@ fn absolute_workspaces(raw: &[String]) -> Result<Vec<String>> {
         .iter()
         .map(|w| {
             let (path, suffix) = match w.rsplit_once(':') {
-                Some((p, s @ ("ro" | "readonly" | "rw"))) => (p, if s == "rw" { String::new() } else { format!(":{s}") }),
+                Some((p, s @ ("ro" | "readonly" | "rw"))) => (
+                    p,
+                    if s == "rw" {
+                        String::new()
+                    } else {
+                        format!(":{s}")
+                    },
+                ),
                 _ => (w.as_str(), String::new()),
             };
             let p = Path::new(path);
-            let abs = if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
+            let abs = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                cwd.join(p)
+            };
             let abs = std::fs::canonicalize(&abs).unwrap_or(abs);
             format!("{}{suffix}", abs.display())
         })
         .collect())
 }
 
-fn create_request(agent: &str, workspaces: &[String], flags: &CreateFlags) -> Result<CreateSandbox> {
+fn create_request(
+    agent: &str,
+    workspaces: &[String],
+    flags: &CreateFlags,
+) -> Result<CreateSandbox> {
     if !["always", "missing", "never"].contains(&flags.pull_template.as_str()) {
         bail!("--pull-template takes always, missing or never");
     }
@@ -249,34 +279,83 @@ fn create_request(agent: &str, workspaces: &[String], flags: &CreateFlags) -> Re
         agent: agent.to_string(),
         template: flags.template.clone(),
         workspaces: absolute_workspaces(workspaces)?,
-        limits: LimitsRequest { memory, cpus: flags.cpus, pids: flags.pids_limit },
+        limits: LimitsRequest {
+            memory,
+            cpus: flags.cpus,
+            pids: flags.pids_limit,
+        },
     })
 }
 
 fn sandbox(cmd: SandboxCmd) -> Result<i32> {
     match cmd {
-        SandboxCmd::Create { flags, quiet, agent, workspaces } => {
-            let info: SandboxInfo = call(&Request::SandboxCreate(create_request(&agent, &workspaces, &flags)?))?;
+        SandboxCmd::Create {
+            flags,
+            quiet,
+            agent,
+            workspaces,
+        } => {
+            let info: SandboxInfo = call(&Request::SandboxCreate(create_request(
+                &agent,
+                &workspaces,
+                &flags,
+            )?))?;
             if quiet {
                 println!("{}", info.name);
             } else {
-                println!("Created sandbox {} ({} on {})", info.name, info.agent, info.workspaces[0].path);
+                println!(
+                    "Created sandbox {} ({} on {})",
+                    info.name, info.agent, info.workspaces[0].path
+                );
             }
             Ok(0)
         }
-        SandboxCmd::Run { flags, target, workspaces, args } => {
-            let existing = call::<SandboxInfo>(&Request::SandboxInspect { name: target.clone() }).ok();
+        SandboxCmd::Run {
+            flags,
+            target,
+            workspaces,
+            args,
+        } => {
+            let existing = call::<SandboxInfo>(&Request::SandboxInspect {
+                name: target.clone(),
+            })
+            .ok();
             let info: SandboxInfo = match existing {
                 Some(s) if workspaces.is_empty() => call(&Request::SandboxStart { name: s.name })?,
                 _ => {
-                    let ws = if workspaces.is_empty() { vec![".".to_string()] } else { workspaces };
-                    call(&Request::SandboxEnsure(create_request(&target, &ws, &flags)?))?
+                    let ws = if workspaces.is_empty() {
+                        vec![".".to_string()]
+                    } else {
+                        workspaces
+                    };
+                    call(&Request::SandboxEnsure(create_request(
+                        &target, &ws, &flags,
+                    )?))?
                 }
             };
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-            terminal::exec(ExecRequest { name: info.name, argv: args, agent: true, tty, ..Default::default() }, true)
+            terminal::exec(
+                ExecRequest {
+                    name: info.name,
+                    argv: args,
+                    agent: true,
+                    tty,
+                    ..Default::default()
+                },
+                true,
+            )
         }
-        SandboxCmd::Exec { detach, env, env_file, interactive, tty, user, workdir, name, command } => {
+        SandboxCmd::Exec {
+            detach,
+            env,
+            env_file,
+            interactive,
+            tty,
+            user,
+            workdir,
+            name,
+            command,
+        } => {
             let mut all_env = Vec::new();
             for file in &env_file {
                 all_env.extend(read_env_file(file)?);
@@ -289,10 +368,24 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
                     all_env.push(format!("{e}={v}"));
                 }
             }
-            let req = ExecRequest { name, argv: command, agent: false, env: all_env, user, workdir, tty, detach, ..Default::default() };
+            let req = ExecRequest {
+                name,
+                argv: command,
+                agent: false,
+                env: all_env,
+                user,
+                workdir,
+                tty,
+                detach,
+                ..Default::default()
+            };
             terminal::exec(req, interactive)
         }
-        SandboxCmd::Ls { json, quiet, no_trunc } => {
+        SandboxCmd::Ls {
+            json,
+            quiet,
+            no_trunc,
+        } => {
             let list: Vec<SandboxInfo> = call(&Request::SandboxList)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -302,8 +395,23 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|s| {
-                        let ws: Vec<String> = s.workspaces.iter().map(|w| if w.read_only { format!("{}:ro", w.path) } else { w.path.clone() }).collect();
-                        vec![s.name.clone(), s.agent.clone(), s.status.to_string(), truncate(&ws.join(", "), 60, no_trunc)]
+                        let ws: Vec<String> = s
+                            .workspaces
+                            .iter()
+                            .map(|w| {
+                                if w.read_only {
+                                    format!("{}:ro", w.path)
+                                } else {
+                                    w.path.clone()
+                                }
+                            })
+                            .collect();
+                        vec![
+                            s.name.clone(),
+                            s.agent.clone(),
+                            s.status.to_string(),
+                            truncate(&ws.join(", "), 60, no_trunc),
+                        ]
                     })
                     .collect();
                 table(&["SANDBOX", "AGENT", "STATUS", "WORKSPACE"], &rows);
@@ -325,8 +433,12 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(code)
         }
-        SandboxCmd::Stop { names } => each(names, |name| call::<SandboxInfo>(&Request::SandboxStop { name }).map(|i| i.name)),
-        SandboxCmd::Rm { names } => each(names, |name| call::<SandboxInfo>(&Request::SandboxRm { name }).map(|i| i.name)),
+        SandboxCmd::Stop { names } => each(names, |name| {
+            call::<SandboxInfo>(&Request::SandboxStop { name }).map(|i| i.name)
+        }),
+        SandboxCmd::Rm { names } => each(names, |name| {
+            call::<SandboxInfo>(&Request::SandboxRm { name }).map(|i| i.name)
+        }),
         SandboxCmd::Reset { force } => {
             if !force {
                 if !std::io::stdin().is_terminal() {
@@ -344,19 +456,40 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
             removed.iter().for_each(|n| println!("{n}"));
             Ok(0)
         }
-        SandboxCmd::Ports { name, publish, unpublish, json } => {
-            let publish = publish.iter().map(|p| p.parse::<PortMapping>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+        SandboxCmd::Ports {
+            name,
+            publish,
+            unpublish,
+            json,
+        } => {
+            let publish = publish
+                .iter()
+                .map(|p| p.parse::<PortMapping>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
             let req = if publish.is_empty() && unpublish.is_empty() {
                 Request::SandboxInspect { name }
             } else {
-                Request::SandboxPorts { name, publish, unpublish }
+                Request::SandboxPorts {
+                    name,
+                    publish,
+                    unpublish,
+                }
             };
             let info: SandboxInfo = call(&req)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info.ports)?);
             } else {
-                let rows: Vec<Vec<String>> =
-                    info.ports.iter().map(|p| vec![format!("127.0.0.1:{}", p.host_port), p.sandbox_port.to_string()]).collect();
+                let rows: Vec<Vec<String>> = info
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            format!("127.0.0.1:{}", p.host_port),
+                            p.sandbox_port.to_string(),
+                        ]
+                    })
+                    .collect();
                 table(&["HOST", "SANDBOX PORT"], &rows);
             }
             Ok(0)
@@ -381,7 +514,8 @@ fn each(names: Vec<String>, f: impl Fn(String) -> Result<String>) -> Result<i32>
 }
 
 fn read_env_file(path: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read env file {path}"))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read env file {path}"))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -408,21 +542,37 @@ fn image(cmd: ImageCmd) -> Result<i32> {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|i| {
-                        let (repo, tag) = i.reference.rsplit_once(':').unwrap_or((&i.reference, ""));
-                        let id = i.id.trim_start_matches("sha256:").chars().take(12).collect();
-                        vec![repo.to_string(), tag.to_string(), id, i.created.clone(), human_size(i.size)]
+                        let (repo, tag) =
+                            i.reference.rsplit_once(':').unwrap_or((&i.reference, ""));
+                        let id =
+                            i.id.trim_start_matches("sha256:")
+                                .chars()
+                                .take(12)
+                                .collect();
+                        vec![
+                            repo.to_string(),
+                            tag.to_string(),
+                            id,
+                            i.created.clone(),
+                            human_size(i.size),
+                        ]
                     })
                     .collect();
                 table(&["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], &rows);
             }
             Ok(0)
         }
-        ImageCmd::Rm { references } => {
-            each(references, |reference| call::<ImageInfo>(&Request::ImageRm { reference }).map(|i| format!("Untagged: {}", i.reference)))
-        }
+        ImageCmd::Rm { references } => each(references, |reference| {
+            call::<ImageInfo>(&Request::ImageRm { reference })
+                .map(|i| format!("Untagged: {}", i.reference))
+        }),
         ImageCmd::Import { tarball, reference } => {
-            let path = std::fs::canonicalize(&tarball).with_context(|| format!("cannot find {tarball}"))?;
-            let info: ImageInfo = call(&Request::ImageImport { path: path.display().to_string(), reference })?;
+            let path = std::fs::canonicalize(&tarball)
+                .with_context(|| format!("cannot find {tarball}"))?;
+            let info: ImageInfo = call(&Request::ImageImport {
+                path: path.display().to_string(),
+                reference,
+            })?;
             println!("{}", info.id);
             Ok(0)
         }
@@ -433,11 +583,18 @@ fn template(cmd: TemplateCmd) -> Result<i32> {
     match cmd {
         TemplateCmd::Build { name } => {
             let info: ImageInfo = call(&Request::TemplateBuild { name })?;
-            println!("Built {} ({}, {})", info.reference, &info.id, human_size(info.size));
+            println!(
+                "Built {} ({}, {})",
+                info.reference,
+                &info.id,
+                human_size(info.size)
+            );
             Ok(0)
         }
         TemplateCmd::Ls => {
-            moat_images::template::names().iter().for_each(|n| println!("{n}"));
+            moat_images::template::names()
+                .iter()
+                .for_each(|n| println!("{n}"));
             Ok(0)
         }
     }
@@ -447,7 +604,10 @@ fn template(cmd: TemplateCmd) -> Result<i32> {
 /// terminal: stdin only with -i, and none of them for a detached process,
 /// which must not keep the caller's pipes open after the caller is gone.
 pub fn stdio_fds(interactive: bool, detach: bool) -> Result<(Vec<i32>, Option<std::fs::File>)> {
-    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     let n = null.as_raw_fd();
     let fds = match (detach, interactive) {
         (true, _) => vec![n, n, n],

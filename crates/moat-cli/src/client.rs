@@ -33,7 +33,10 @@ pub fn connect() -> Result<UnixStream> {
         if Instant::now() > deadline {
             let log = fs::read_to_string(paths.daemon_log()).unwrap_or_default();
             let last = log.lines().last().unwrap_or("(no log)");
-            bail!("the daemon did not come up within 15 s; its log ({}) ends with: {last}", paths.daemon_log().display());
+            bail!(
+                "the daemon did not come up within 15 s; its log ({}) ends with: {last}",
+                paths.daemon_log().display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -45,19 +48,31 @@ fn start_daemon(paths: &Paths) -> Result<()> {
         .mode(0o700)
         .create(&paths.runtime)
         .with_context(|| format!("cannot create {}", paths.runtime.display()))?;
-    let log = OpenOptions::new().create(true).append(true).open(paths.daemon_log())?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.daemon_log())?;
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("daemon").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // SAFETY: setsid is async-signal-safe; the daemon leaves our session so
     // that a terminal hangup does not end it.
     unsafe {
         cmd.pre_exec(|| {
-            nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
         });
     }
     let child = cmd.spawn().context("cannot start the moat daemon")?;
-    eprintln!("moat: started the daemon (pid {}); its log is {}", child.id(), paths.daemon_log().display());
+    eprintln!(
+        "moat: started the daemon (pid {}); its log is {}",
+        child.id(),
+        paths.daemon_log().display()
+    );
     Ok(())
 }
 
@@ -69,13 +84,15 @@ pub struct Call {
 impl Call {
     pub fn start(req: &Request, fds: &[RawFd]) -> Result<Call> {
         let conn = connect()?;
-        send_frame(&conn, req, fds).map_err(|e| anyhow!("cannot send the request to the daemon: {e}"))?;
+        send_frame(&conn, req, fds)
+            .map_err(|e| anyhow!("cannot send the request to the daemon: {e}"))?;
         Ok(Call { conn })
     }
 
     /// The next reply, with any descriptors it carries.
     pub fn next(&self) -> Result<(Reply, Vec<OwnedFd>)> {
-        recv_frame::<Reply>(&self.conn).map_err(|e| anyhow!("lost the daemon mid-request ({e}); see its log"))
+        recv_frame::<Reply>(&self.conn)
+            .map_err(|e| anyhow!("lost the daemon mid-request ({e}); see its log"))
     }
 
     /// Read replies until the result, showing progress and warnings on the way.
@@ -96,5 +113,7 @@ impl Call {
 /// Send `req` and return its result, decoded.
 pub fn call<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T> {
     let value = Call::start(req, &[])?.result()?;
-    serde_json::from_value(value).map_err(|e| anyhow!("the daemon's answer does not parse ({e}); is it the same version as this moat?"))
+    serde_json::from_value(value).map_err(|e| {
+        anyhow!("the daemon's answer does not parse ({e}); is it the same version as this moat?")
+    })
 }

@@ -19,7 +19,9 @@ use crate::output::Progress;
 pub fn exec(mut req: ExecRequest, interactive: bool) -> Result<i32> {
     let detach = req.detach;
     if req.tty {
-        let (rows, cols) = window_size(std::io::stdout().as_raw_fd()).or_else(|| window_size(0)).unwrap_or((24, 80));
+        let (rows, cols) = window_size(std::io::stdout().as_raw_fd())
+            .or_else(|| window_size(0))
+            .unwrap_or((24, 80));
         req.rows = rows;
         req.cols = cols;
         let call = Call::start(&Request::SandboxExec(req), &[])?;
@@ -28,7 +30,9 @@ pub fn exec(mut req: ExecRequest, interactive: bool) -> Result<i32> {
             println!("{pid}");
             return Ok(0);
         }
-        let Some(master) = fds.pop() else { bail!("the daemon sent no terminal") };
+        let Some(master) = fds.pop() else {
+            bail!("the daemon sent no terminal")
+        };
         return tty_session(&call, master, interactive);
     }
     let (fds, _null) = crate::cli::stdio_fds(interactive, detach)?;
@@ -75,7 +79,12 @@ fn wait_exited(call: &Call) -> Result<i32> {
 }
 
 fn window_size(fd: i32) -> Option<(u16, u16)> {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes a winsize through the pointer, which is valid.
     let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
     (ok && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
@@ -115,7 +124,12 @@ fn tty_session(call: &Call, master: OwnedFd, interactive: bool) -> Result<i32> {
         std::thread::spawn(move || {
             for _ in signals.forever() {
                 if let Some((rows, cols)) = window_size(1).or_else(|| window_size(0)) {
-                    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+                    let ws = libc::winsize {
+                        ws_row: rows,
+                        ws_col: cols,
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
                     // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
                     unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) };
                 }
@@ -149,7 +163,11 @@ fn tty_session(call: &Call, master: OwnedFd, interactive: bool) -> Result<i32> {
             fds.push(PollFd::new(from_master.as_fd(), PollFlags::POLLIN));
         }
         // Once the exit code is in, drain what the terminal still holds, briefly.
-        let timeout = if code.is_some() { PollTimeout::from(100u16) } else { PollTimeout::NONE };
+        let timeout = if code.is_some() {
+            PollTimeout::from(100u16)
+        } else {
+            PollTimeout::NONE
+        };
         let n = match poll(&mut fds, timeout) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,

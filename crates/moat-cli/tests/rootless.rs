@@ -23,14 +23,19 @@ struct Rootless {
 
 impl Rootless {
     fn setup() -> Rootless {
-        assert!(nix::unistd::geteuid().is_root(), "the rootless tests switch users and must start as root");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the rootless tests switch users and must start as root"
+        );
         let user = nix::unistd::User::from_name(USER)
             .unwrap()
             .unwrap_or_else(|| panic!("no user {USER}: run scripts/test.sh, which creates it"));
         // The template's root file system, from the cache the root daemon filled.
         ensure_template();
         let home = std::env::var("HOME").unwrap();
-        let cache = std::env::var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|_| Path::new(&home).join(".cache"));
+        let cache = std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(&home).join(".cache"));
         let tar = std::fs::read_dir(cache.join("moat/templates"))
             .unwrap()
             .flatten()
@@ -56,15 +61,35 @@ impl Rootless {
             std::fs::create_dir(dir.join(sub)).unwrap();
             nix::unistd::chown(&dir.join(sub), Some(user.uid), Some(user.gid)).unwrap();
         }
-        Rootless { dir, uid: user.uid.as_raw() }
+        Rootless {
+            dir,
+            uid: user.uid.as_raw(),
+        }
     }
 
     fn moat(&self, args: &[&str]) -> Output {
         Command::new("runuser")
-            .args(["-u", USER, "--", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp"])
-            .arg(format!("MOAT_HOME={}", self.dir.join("user/state").display()))
-            .arg(format!("MOAT_RUNTIME_DIR={}", self.dir.join("user/run").display()))
-            .arg(format!("MOAT_CACHE_DIR={}", self.dir.join("cache").display()))
+            .args([
+                "-u",
+                USER,
+                "--",
+                "env",
+                "-i",
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+                "HOME=/tmp",
+            ])
+            .arg(format!(
+                "MOAT_HOME={}",
+                self.dir.join("user/state").display()
+            ))
+            .arg(format!(
+                "MOAT_RUNTIME_DIR={}",
+                self.dir.join("user/run").display()
+            ))
+            .arg(format!(
+                "MOAT_CACHE_DIR={}",
+                self.dir.join("cache").display()
+            ))
             .arg(self.dir.join("moat"))
             .args(args)
             .stdin(Stdio::null())
@@ -84,7 +109,10 @@ impl Drop for Rootless {
         let _ = self.moat(&["sandbox", "reset", "-f"]);
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("user/run/moat.lock")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -101,23 +129,60 @@ fn an_unprivileged_user_runs_sandboxes_end_to_end() {
     // Without cgroup delegation the limits cannot be enforced, and the user is told.
     let err = text(&out.stderr);
     assert!(err.contains("not enforced"), "{err}");
-    let info: serde_json::Value = serde_json::from_str(&r.ok(&["sandbox", "inspect", "rl"])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&r.ok(&["sandbox", "inspect", "rl"])).unwrap();
     assert_eq!(info[0]["limits"]["enforced"], false);
 
-    let out = r.moat(&["sandbox", "exec", "rl", "sh", "-c", "id -u; sudo -n id -u; stat -c %U /; echo hi > made; cat /proc/self/uid_map | wc -l"]);
-    assert_eq!(text(&out.stdout), "1000\n0\nroot\n3\n", "{}", text(&out.stderr));
+    let out = r.moat(&[
+        "sandbox",
+        "exec",
+        "rl",
+        "sh",
+        "-c",
+        "id -u; sudo -n id -u; stat -c %U /; echo hi > made; cat /proc/self/uid_map | wc -l",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "1000\n0\nroot\n3\n",
+        "{}",
+        text(&out.stderr)
+    );
     // The agent's files belong to the user on the host.
     assert_eq!(std::fs::metadata(ws.join("made")).unwrap().uid(), r.uid);
 
     // The host outside the workspace stays out of reach.
-    let out = r.moat(&["sandbox", "exec", "-u", "root", "rl", "sh", "-c", &format!("ls {} 2>&1; ls /tmp/moat-rootless-* 2>&1 | head -1", r.dir.join("user").display())]);
-    assert!(text(&out.stdout).contains("No such file or directory"), "{}", text(&out.stdout));
+    let out = r.moat(&[
+        "sandbox",
+        "exec",
+        "-u",
+        "root",
+        "rl",
+        "sh",
+        "-c",
+        &format!(
+            "ls {} 2>&1; ls /tmp/moat-rootless-* 2>&1 | head -1",
+            r.dir.join("user").display()
+        ),
+    ]);
+    assert!(
+        text(&out.stdout).contains("No such file or directory"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // Stop, run again, remove: nothing is left, not even files owned by subordinate ids.
     r.ok(&["sandbox", "stop", "rl"]);
-    let out = r.moat(&["sandbox", "run", "rl", "--", "-c", "sudo touch /etc/kept; echo back"]);
+    let out = r.moat(&[
+        "sandbox",
+        "run",
+        "rl",
+        "--",
+        "-c",
+        "sudo touch /etc/kept; echo back",
+    ]);
     assert_eq!(text(&out.stdout), "back\n", "{}", text(&out.stderr));
-    let info: serde_json::Value = serde_json::from_str(&r.ok(&["sandbox", "inspect", "rl"])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&r.ok(&["sandbox", "inspect", "rl"])).unwrap();
     let pid = info[0]["pid"].as_i64().unwrap() as i32;
     let id = info[0]["id"].as_str().unwrap().to_string();
     r.ok(&["sandbox", "rm", "rl"]);

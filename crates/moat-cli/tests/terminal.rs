@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux").args(args).output().expect("tmux is installed (scripts/deps.sh)");
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux is installed (scripts/deps.sh)");
     text(&out.stdout)
 }
 
@@ -23,7 +26,10 @@ fn wait_for_screen(session: &str, want: &str) -> String {
         if screen.contains(want) {
             return screen;
         }
-        assert!(Instant::now() < deadline, "{want:?} never appeared; the screen:\n{screen}");
+        assert!(
+            Instant::now() < deadline,
+            "{want:?} never appeared; the screen:\n{screen}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -41,10 +47,26 @@ fn a_terminal_passes_size_resizes_ctrl_c_and_the_exit_code() {
         sb.name,
         exit_file.display()
     );
-    tmux(&["new-session", "-d", "-s", &session, "-x", "100", "-y", "30", &command]);
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &command,
+    ]);
     let _kill = KillSession(session.clone());
 
-    tmux(&["send-keys", "-t", &session, "PS1='moat-prompt$ '; stty size", "Enter"]);
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "PS1='moat-prompt$ '; stty size",
+        "Enter",
+    ]);
     wait_for_screen(&session, "30 100");
 
     tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
@@ -72,6 +94,8 @@ struct KillSession(String);
 
 impl Drop for KillSession {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::DaemonError;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub sandbox: SandboxConfig,
@@ -62,12 +62,6 @@ impl Default for ModelsConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config { sandbox: SandboxConfig::default(), models: ModelsConfig::default() }
-    }
-}
-
 /// Where the configuration file is looked for.
 pub fn config_path() -> PathBuf {
     if let Some(p) = std::env::var_os("MOAT_CONFIG") {
@@ -94,18 +88,22 @@ impl Config {
 
     pub fn from_file(path: &Path) -> Result<Config, DaemonError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| {
-                DaemonError::Config(format!("{}: {}", path.display(), e.message()))
-            }),
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| DaemonError::Config(format!("{}: {}", path.display(), e.message()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(e) => Err(DaemonError::Config(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => Err(DaemonError::Config(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
         }
     }
 
     /// Environment variables override the file: `MOAT_<SECTION>_<KEY>` in upper case.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), DaemonError> {
         fn parse<T: std::str::FromStr>(key: &str, v: String) -> Result<T, DaemonError> {
-            v.trim().parse().map_err(|_| DaemonError::Config(format!("{key}={v:?} is not a valid value")))
+            v.trim()
+                .parse()
+                .map_err(|_| DaemonError::Config(format!("{key}={v:?} is not a valid value")))
         }
         if let Some(v) = get("MOAT_SANDBOX_MEMORY") {
             parse_size(&v).map_err(DaemonError::Config)?;
@@ -149,7 +147,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size: write e.g. 512m or 4g"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: write e.g. 512m or 4g"))?;
     if !(n >= 0.0 && n.is_finite()) {
         return Err(format!("{s:?} is not a size: write e.g. 512m or 4g"));
     }
@@ -171,8 +171,10 @@ mod tests {
 
     #[test]
     fn the_environment_overrides_the_file() {
-        let mut cfg: Config = toml::from_str("[sandbox]\nmemory = \"1g\"\npids_limit = 10\n").unwrap();
-        cfg.apply_env(|k| (k == "MOAT_SANDBOX_PIDS_LIMIT").then(|| "20".to_string())).unwrap();
+        let mut cfg: Config =
+            toml::from_str("[sandbox]\nmemory = \"1g\"\npids_limit = 10\n").unwrap();
+        cfg.apply_env(|k| (k == "MOAT_SANDBOX_PIDS_LIMIT").then(|| "20".to_string()))
+            .unwrap();
         let mut want = Config::default();
         want.sandbox.memory = "1g".into();
         want.sandbox.pids_limit = 20;
@@ -183,7 +185,9 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("[sandbox]\nmemroy = \"1g\"\n").is_err());
         let mut cfg = Config::default();
-        assert!(cfg.apply_env(|k| (k == "MOAT_SANDBOX_CPUS").then(|| "many".to_string())).is_err());
+        assert!(cfg
+            .apply_env(|k| (k == "MOAT_SANDBOX_CPUS").then(|| "many".to_string()))
+            .is_err());
     }
 
     #[test]

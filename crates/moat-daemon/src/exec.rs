@@ -15,17 +15,44 @@ use crate::server::Replies;
 use crate::DaemonError;
 
 impl Daemon {
-    pub fn exec(&self, req: ExecRequest, stdio: Vec<OwnedFd>, r: &Replies) -> Result<(), DaemonError> {
+    pub fn exec(
+        &self,
+        req: ExecRequest,
+        stdio: Vec<OwnedFd>,
+        r: &Replies,
+    ) -> Result<(), DaemonError> {
         let (info, control_path, agent_command) = self.exec_target(&req.name)?;
         if !req.tty && stdio.len() != 3 {
-            return Err(DaemonError::BadRequest("exec without a TTY needs the caller's stdin, stdout and stderr".into()));
+            return Err(DaemonError::BadRequest(
+                "exec without a TTY needs the caller's stdin, stdout and stderr".into(),
+            ));
         }
-        let argv = if req.agent { agent_command.into_iter().chain(req.argv.iter().cloned()).collect() } else { req.argv.clone() };
+        let argv = if req.agent {
+            agent_command
+                .into_iter()
+                .chain(req.argv.iter().cloned())
+                .collect()
+        } else {
+            req.argv.clone()
+        };
         if argv.is_empty() {
-            return Err(DaemonError::BadRequest("no command given: `moat sandbox exec NAME COMMAND [ARGS…]`".into()));
+            return Err(DaemonError::BadRequest(
+                "no command given: `moat sandbox exec NAME COMMAND [ARGS…]`".into(),
+            ));
         }
-        let cwd = req.workdir.clone().or_else(|| info.workspaces.first().map(|w| w.path.clone()));
-        let exec = InitExec { argv, env: req.env.clone(), user: req.user.clone(), cwd, tty: req.tty, rows: req.rows, cols: req.cols };
+        let cwd = req
+            .workdir
+            .clone()
+            .or_else(|| info.workspaces.first().map(|w| w.path.clone()));
+        let exec = InitExec {
+            argv,
+            env: req.env.clone(),
+            user: req.user.clone(),
+            cwd,
+            tty: req.tty,
+            rows: req.rows,
+            cols: req.cols,
+        };
         let raw: Vec<i32> = stdio.iter().map(|f| f.as_raw_fd()).collect();
         let session = control::exec(&control_path, &exec, &raw)?;
         // Our copies must go, or the caller would never see end-of-file on its pipes.

@@ -58,10 +58,15 @@ pub fn remove_mapped(exe: &Path, idmap: &IdMap, path: &Path) -> Result<(), Daemo
         return Ok(());
     }
     if !idmap.rootless {
-        return std::fs::remove_dir_all(path).map_err(|e| DaemonError::io(format!("remove {}", path.display()), e));
+        return std::fs::remove_dir_all(path)
+            .map_err(|e| DaemonError::io(format!("remove {}", path.display()), e));
     }
-    run_mapped(exe, idmap, REMOVE_ROLE, &[path])
-        .map_err(|e| DaemonError::io(format!("remove {}", path.display()), std::io::Error::other(e)))
+    run_mapped(exe, idmap, REMOVE_ROLE, &[path]).map_err(|e| {
+        DaemonError::io(
+            format!("remove {}", path.display()),
+            std::io::Error::other(e),
+        )
+    })
 }
 
 fn role_args(args: &[String], n: usize) -> Result<Vec<PathBuf>, String> {

@@ -44,6 +44,9 @@ pub enum DaemonError {
 
 impl DaemonError {
     pub fn io(what: impl Into<String>, err: std::io::Error) -> Self {
-        DaemonError::Io { what: what.into(), err }
+        DaemonError::Io {
+            what: what.into(),
+            err,
+        }
     }
 }

@@ -11,7 +11,9 @@ pub struct Paths {
 }
 
 fn env_path(key: &str) -> Option<PathBuf> {
-    std::env::var_os(key).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(key)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn home() -> PathBuf {
@@ -26,7 +28,9 @@ impl Paths {
             if root {
                 PathBuf::from("/var/lib/moat")
             } else {
-                env_path("XDG_DATA_HOME").unwrap_or_else(|| home().join(".local/share")).join("moat")
+                env_path("XDG_DATA_HOME")
+                    .unwrap_or_else(|| home().join(".local/share"))
+                    .join("moat")
             }
         });
         let runtime = env_path("MOAT_RUNTIME_DIR").unwrap_or_else(|| {
@@ -39,9 +43,15 @@ impl Paths {
             }
         });
         let cache = env_path("MOAT_CACHE_DIR").unwrap_or_else(|| {
-            env_path("XDG_CACHE_HOME").unwrap_or_else(|| home().join(".cache")).join("moat")
+            env_path("XDG_CACHE_HOME")
+                .unwrap_or_else(|| home().join(".cache"))
+                .join("moat")
         });
-        Paths { state, runtime, cache }
+        Paths {
+            state,
+            runtime,
+            cache,
+        }
     }
 
     pub fn socket(&self) -> PathBuf {

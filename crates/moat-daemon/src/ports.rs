@@ -28,12 +28,21 @@ impl Drop for Forwarder {
 }
 
 impl Forwarder {
-    pub fn start(mapping: PortMapping, control_path: PathBuf, init_pid: i32) -> Result<Forwarder, DaemonError> {
+    pub fn start(
+        mapping: PortMapping,
+        control_path: PathBuf,
+        init_pid: i32,
+    ) -> Result<Forwarder, DaemonError> {
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, mapping.host_port);
         let listener = TcpListener::bind(addr).map_err(|e| {
-            DaemonError::BadRequest(format!("cannot listen on 127.0.0.1:{}: {e}; pick another host port", mapping.host_port))
+            DaemonError::BadRequest(format!(
+                "cannot listen on 127.0.0.1:{}: {e}; pick another host port",
+                mapping.host_port
+            ))
         })?;
-        listener.set_nonblocking(true).map_err(|e| DaemonError::io("listener", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::io("listener", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         std::thread::spawn(move || accept_loop(listener, flag, mapping, control_path, init_pid));
@@ -41,9 +50,18 @@ impl Forwarder {
     }
 }
 
-fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, mapping: PortMapping, control_path: PathBuf, pid: i32) {
+fn accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    mapping: PortMapping,
+    control_path: PathBuf,
+    pid: i32,
+) {
     while !stop.load(Ordering::Relaxed) {
-        let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
         match listener.accept() {
             Ok((client, _)) => {

@@ -61,14 +61,24 @@ impl Daemon {
         let euid = nix::unistd::geteuid();
         let rootless = !euid.is_root();
         let idmap = if rootless {
-            let user = nix::unistd::User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_default();
-            IdMap::for_user(&user, euid.as_raw(), nix::unistd::getegid().as_raw()).map_err(moat_sandbox::SandboxError::from)?
+            let user = nix::unistd::User::from_uid(euid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_default();
+            IdMap::for_user(&user, euid.as_raw(), nix::unistd::getegid().as_raw())
+                .map_err(moat_sandbox::SandboxError::from)?
         } else {
             IdMap::for_root(config.sandbox.uid_base)
         };
-        let exe = std::env::current_exe().map_err(|e| DaemonError::io("find the moat binary", e))?;
-        for dir in [paths.state.join("sandboxes"), paths.runtime.join("sandboxes")] {
-            fs::create_dir_all(&dir).map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
+        let exe =
+            std::env::current_exe().map_err(|e| DaemonError::io("find the moat binary", e))?;
+        for dir in [
+            paths.state.join("sandboxes"),
+            paths.runtime.join("sandboxes"),
+        ] {
+            fs::create_dir_all(&dir)
+                .map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
         }
         let state = State::open(&paths.database())?;
         let images = ImageStore::open(&paths.images())?;
@@ -94,11 +104,16 @@ impl Daemon {
     }
 
     fn unpacker(&self) -> MappedUnpacker {
-        MappedUnpacker { exe: self.exe.clone(), idmap: self.idmap.clone() }
+        MappedUnpacker {
+            exe: self.exe.clone(),
+            idmap: self.idmap.clone(),
+        }
     }
 
     fn row(&self, name: &str) -> Result<SandboxRow, DaemonError> {
-        lock(&self.state).by_name(name)?.ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))
+        lock(&self.state)
+            .by_name(name)?
+            .ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))
     }
 
     /// Bring the database in line with what runs: adopt live sandboxes, mark
@@ -115,12 +130,19 @@ impl Daemon {
                 }
                 "running" => {
                     let alive = row.info.pid.zip(row.pid_start).is_some_and(|(pid, start)| {
-                        process_start_time(pid) == Some(start) && control::ping(&self.control_path(&id)).is_ok()
+                        process_start_time(pid) == Some(start)
+                            && control::ping(&self.control_path(&id)).is_ok()
                     });
                     match (alive, row.info.pid) {
                         (true, Some(pid)) => {
                             tracing::info!(name = %row.info.name, pid, "adopting a running sandbox");
-                            lock(&self.live).insert(id.clone(), Live { pid, forwarders: vec![] });
+                            lock(&self.live).insert(
+                                id.clone(),
+                                Live {
+                                    pid,
+                                    forwarders: vec![],
+                                },
+                            );
                             self.watch(id.clone(), pid);
                             self.start_forwarders(&row.info, pid);
                         }
@@ -137,7 +159,12 @@ impl Daemon {
     }
 
     pub fn list(&self) -> Result<Vec<SandboxInfo>, DaemonError> {
-        Ok(lock(&self.state).all()?.into_iter().filter(|r| r.phase != "creating").map(|r| r.info).collect())
+        Ok(lock(&self.state)
+            .all()?
+            .into_iter()
+            .filter(|r| r.phase != "creating")
+            .map(|r| r.info)
+            .collect())
     }
 
     pub fn inspect(&self, name: &str) -> Result<SandboxInfo, DaemonError> {
@@ -147,7 +174,10 @@ impl Daemon {
     pub fn create(&self, req: CreateSandbox, r: &Replies) -> Result<SandboxInfo, DaemonError> {
         let (_, default_template, _) = agent(&req.agent)?;
         let workspaces = parse_workspaces(&req.workspaces)?;
-        let template = req.template.clone().unwrap_or_else(|| default_template.to_string());
+        let template = req
+            .template
+            .clone()
+            .unwrap_or_else(|| default_template.to_string());
         let image = self.resolve_image(&template, r)?;
 
         let name = match &req.name {
@@ -188,7 +218,12 @@ impl Daemon {
             pid: None,
             isolation: "namespaces".into(),
         };
-        let row = SandboxRow { info: info.clone(), layers: image.layers.clone(), phase: "creating".into(), pid_start: None };
+        let row = SandboxRow {
+            info: info.clone(),
+            layers: image.layers.clone(),
+            phase: "creating".into(),
+            pid_start: None,
+        };
         lock(&self.state).insert(&row)?;
         if let Err(e) = self.make_files(&info) {
             self.remove_files(&info.id);
@@ -235,13 +270,16 @@ impl Daemon {
         let id = row.info.id.clone();
         let lower_dirs = self.lower_dirs(&row)?;
         let (cgroup, limits) = self.hierarchy.create(&id, &row.info.limits);
-        if !limits.enforced && (limits.memory.is_some() || limits.pids.is_some() || limits.cpus.is_some()) {
+        if !limits.enforced
+            && (limits.memory.is_some() || limits.pids.is_some() || limits.cpus.is_some())
+        {
             r.warning(format!("limits of sandbox {name} are {}", limits.note));
         }
         lock(&self.state).set_limits(&id, &limits)?;
 
         let run_dir = self.paths.sandbox_runtime(&id);
-        fs::create_dir_all(run_dir.join("rootfs")).map_err(|e| DaemonError::io(format!("create {}", run_dir.display()), e))?;
+        fs::create_dir_all(run_dir.join("rootfs"))
+            .map_err(|e| DaemonError::io(format!("create {}", run_dir.display()), e))?;
         let etc = self.write_etc_files(&row.info, &run_dir)?;
         let state_dir = self.paths.sandbox_state(&id);
         let spec = SandboxSpec {
@@ -255,7 +293,11 @@ impl Daemon {
                 .info
                 .workspaces
                 .iter()
-                .map(|w| BindMount { source: w.path.clone().into(), target: w.path.clone().into(), read_only: w.read_only })
+                .map(|w| BindMount {
+                    source: w.path.clone().into(),
+                    target: w.path.clone().into(),
+                    read_only: w.read_only,
+                })
                 .collect(),
             files: etc,
             no_new_privs: self.config.sandbox.no_new_privs,
@@ -278,7 +320,13 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        lock(&self.live).insert(id.clone(), Live { pid, forwarders: vec![] });
+        lock(&self.live).insert(
+            id.clone(),
+            Live {
+                pid,
+                forwarders: vec![],
+            },
+        );
         lock(&self.state).set_phase(&id, "running", Some(pid), process_start_time(pid))?;
         self.watch(id.clone(), pid);
         let info = self.row(name)?.info;
@@ -290,12 +338,18 @@ impl Daemon {
     /// store, missing layers are unpacked again (after their blobs are
     /// verified); otherwise the layers it kept must still be there.
     fn lower_dirs(&self, row: &SandboxRow) -> Result<Vec<PathBuf>, DaemonError> {
-        let image = Reference::parse(&row.info.template).ok().and_then(|r| self.images.get(&r).ok().flatten());
+        let image = Reference::parse(&row.info.template)
+            .ok()
+            .and_then(|r| self.images.get(&r).ok().flatten());
         if let Some(image) = image.filter(|i| i.id == row.info.image_id) {
             let _guard = lock(&self.image_lock);
             return Ok(self.images.layer_dirs(&image, &self.unpacker())?);
         }
-        Ok(row.layers.iter().map(|l| self.images.layer_dir(l)).collect::<Result<Vec<_>, _>>()?)
+        Ok(row
+            .layers
+            .iter()
+            .map(|l| self.images.layer_dir(l))
+            .collect::<Result<Vec<_>, _>>()?)
     }
 
     /// The sandbox's state directory. Its init makes the upper layer in it,
@@ -303,16 +357,24 @@ impl Daemon {
     /// the daemon's own uid is mapped inside and that suffices).
     fn make_files(&self, info: &SandboxInfo) -> Result<(), DaemonError> {
         let dir = self.paths.sandbox_state(&info.id);
-        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
         if !self.idmap.rootless {
             let uid = self.idmap.host_uid(0).map(nix::unistd::Uid::from_raw);
             let gid = self.idmap.host_gid(0).map(nix::unistd::Gid::from_raw);
-            nix::unistd::chown(&dir, uid, gid).map_err(|e| DaemonError::io(format!("chown {}", dir.display()), e.into()))?;
+            nix::unistd::chown(&dir, uid, gid)
+                .map_err(|e| DaemonError::io(format!("chown {}", dir.display()), e.into()))?;
         }
         Ok(())
     }
 
-    fn write_etc_files(&self, info: &SandboxInfo, run_dir: &Path) -> Result<Vec<BindMount>, DaemonError> {
+    fn write_etc_files(
+        &self,
+        info: &SandboxInfo,
+        run_dir: &Path,
+    ) -> Result<Vec<BindMount>, DaemonError> {
         let files = [
             ("hosts", format!(
                 "127.0.0.1\tlocalhost {name}\n127.0.0.1\thost.docker.internal model-runner.docker.internal\n::1\tlocalhost ip6-localhost ip6-loopback\n",
@@ -324,8 +386,13 @@ impl Daemon {
         let mut binds = Vec::new();
         for (name, text) in files {
             let path = run_dir.join(name);
-            fs::write(&path, text).map_err(|e| DaemonError::io(format!("write {}", path.display()), e))?;
-            binds.push(BindMount { source: path, target: PathBuf::from("/etc").join(name), read_only: true });
+            fs::write(&path, text)
+                .map_err(|e| DaemonError::io(format!("write {}", path.display()), e))?;
+            binds.push(BindMount {
+                source: path,
+                target: PathBuf::from("/etc").join(name),
+                read_only: true,
+            });
         }
         Ok(binds)
     }
@@ -404,7 +471,12 @@ impl Daemon {
         Ok(removed)
     }
 
-    pub fn ports(&self, name: &str, publish: &[PortMapping], unpublish: &[u16]) -> Result<SandboxInfo, DaemonError> {
+    pub fn ports(
+        &self,
+        name: &str,
+        publish: &[PortMapping],
+        unpublish: &[u16],
+    ) -> Result<SandboxInfo, DaemonError> {
         let row = self.row(name)?;
         let mut ports = row.info.ports.clone();
         ports.retain(|p| !unpublish.contains(&p.host_port));
@@ -417,12 +489,18 @@ impl Daemon {
             }
             ports.push(*p);
         }
-        if let Some(pid) = row.info.pid.filter(|_| row.info.status == SandboxStatus::Running) {
+        if let Some(pid) = row
+            .info
+            .pid
+            .filter(|_| row.info.status == SandboxStatus::Running)
+        {
             let mut live = lock(&self.live);
             if let Some(l) = live.get_mut(&row.info.id) {
-                l.forwarders.retain(|f| !unpublish.contains(&f.mapping.host_port));
+                l.forwarders
+                    .retain(|f| !unpublish.contains(&f.mapping.host_port));
                 for p in publish {
-                    l.forwarders.push(Forwarder::start(*p, self.control_path(&row.info.id), pid)?);
+                    l.forwarders
+                        .push(Forwarder::start(*p, self.control_path(&row.info.id), pid)?);
                 }
             }
         }
@@ -432,7 +510,9 @@ impl Daemon {
 
     fn start_forwarders(&self, info: &SandboxInfo, pid: i32) {
         let mut live = lock(&self.live);
-        let Some(l) = live.get_mut(&info.id) else { return };
+        let Some(l) = live.get_mut(&info.id) else {
+            return;
+        };
         for p in &info.ports {
             match Forwarder::start(*p, self.control_path(&info.id), pid) {
                 Ok(f) => l.forwarders.push(f),
@@ -441,24 +521,44 @@ impl Daemon {
         }
     }
 
-    pub(crate) fn exec_target(&self, name: &str) -> Result<(SandboxInfo, PathBuf, Vec<String>), DaemonError> {
+    pub(crate) fn exec_target(
+        &self,
+        name: &str,
+    ) -> Result<(SandboxInfo, PathBuf, Vec<String>), DaemonError> {
         let row = self.row(name)?;
         if row.info.status != SandboxStatus::Running {
             return Err(DaemonError::Stopped(name.to_string()));
         }
         let (_, _, command) = agent(&row.info.agent)?;
         let control = self.control_path(&row.info.id);
-        Ok((row.info, control, command.iter().map(|s| s.to_string()).collect()))
+        Ok((
+            row.info,
+            control,
+            command.iter().map(|s| s.to_string()).collect(),
+        ))
     }
 
     fn default_name(&self, agent: &str, workspace: &str) -> Result<String, DaemonError> {
-        let base = Path::new(workspace).file_name().and_then(|n| n.to_str()).unwrap_or("workspace");
+        let base = Path::new(workspace)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("workspace");
         let clean: String = base
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c.to_ascii_lowercase() } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
             .collect();
         let stem = format!("{agent}-{}", clean.trim_matches('-'));
-        let taken: Vec<String> = lock(&self.state).all()?.into_iter().map(|r| r.info.name).collect();
+        let taken: Vec<String> = lock(&self.state)
+            .all()?
+            .into_iter()
+            .map(|r| r.info.name)
+            .collect();
         let mut name = stem.clone();
         let mut n = 1;
         while taken.contains(&name) {
@@ -471,7 +571,11 @@ impl Daemon {
     // ---- images and templates ----
 
     /// A template name builds (or reuses) that template; anything else must be an image in the store.
-    fn resolve_image(&self, template_or_image: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
+    fn resolve_image(
+        &self,
+        template_or_image: &str,
+        r: &Replies,
+    ) -> Result<ImageInfo, DaemonError> {
         if template::recipe(template_or_image).is_some() {
             let reference = Reference::parse(&template_reference(template_or_image))?;
             let _guard = lock(&self.image_lock);
@@ -497,30 +601,56 @@ impl Daemon {
 
     fn build_template_locked(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
         let recipe = template::recipe(name).ok_or_else(|| {
-            DaemonError::BadRequest(format!("no template named {name:?}; templates are {}", template::names().join(", ")))
+            DaemonError::BadRequest(format!(
+                "no template named {name:?}; templates are {}",
+                template::names().join(", ")
+            ))
         })?;
-        r.progress(format!("building template {name} from Debian packages (about a minute, once)"));
-        let tar = template::build_rootfs(recipe, &self.paths.cache, &mut |line: &str| r.progress(line.to_string()))?;
+        r.progress(format!(
+            "building template {name} from Debian packages (about a minute, once)"
+        ));
+        let tar = template::build_rootfs(recipe, &self.paths.cache, &mut |line: &str| {
+            r.progress(line.to_string())
+        })?;
         r.progress(format!("importing template {name} into the image store"));
         let reference = Reference::parse(&template_reference(name))?;
-        Ok(self.images.import_rootfs(&tar, &reference, &format!("moat template build {name}"), &self.unpacker())?)
+        Ok(self.images.import_rootfs(
+            &tar,
+            &reference,
+            &format!("moat template build {name}"),
+            &self.unpacker(),
+        )?)
     }
 
     pub fn image_list(&self) -> Result<Vec<ImageInfo>, DaemonError> {
         Ok(self.images.list()?)
     }
 
-    pub fn image_import(&self, path: &str, reference: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
+    pub fn image_import(
+        &self,
+        path: &str,
+        reference: &str,
+        r: &Replies,
+    ) -> Result<ImageInfo, DaemonError> {
         let reference = Reference::parse(reference)?;
         let _guard = lock(&self.image_lock);
         r.progress(format!("importing {path} as {reference}"));
-        Ok(self.images.import_rootfs(Path::new(path), &reference, &format!("moat image import {path}"), &self.unpacker())?)
+        Ok(self.images.import_rootfs(
+            Path::new(path),
+            &reference,
+            &format!("moat image import {path}"),
+            &self.unpacker(),
+        )?)
     }
 
     pub fn image_rm(&self, reference: &str) -> Result<ImageInfo, DaemonError> {
         let reference = Reference::parse(reference)?;
         let _guard = lock(&self.image_lock);
-        let in_use: Vec<String> = lock(&self.state).all()?.into_iter().flat_map(|r| r.layers).collect();
+        let in_use: Vec<String> = lock(&self.state)
+            .all()?
+            .into_iter()
+            .flat_map(|r| r.layers)
+            .collect();
         Ok(self.images.remove(&reference, &in_use)?)
     }
 }
@@ -537,16 +667,25 @@ fn finish(live: &Mutex<HashMap<String, Live>>, id: &str, pid: i32) -> bool {
 }
 
 fn agent(name: &str) -> Result<(&'static str, &'static str, &'static [&'static str]), DaemonError> {
-    AGENTS.iter().copied().find(|(a, _, _)| *a == name).ok_or_else(|| {
-        let known: Vec<&str> = AGENTS.iter().map(|(a, _, _)| *a).collect();
-        DaemonError::BadRequest(format!("unknown agent {name:?}; agents are: {}", known.join(", ")))
-    })
+    AGENTS
+        .iter()
+        .copied()
+        .find(|(a, _, _)| *a == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = AGENTS.iter().map(|(a, _, _)| *a).collect();
+            DaemonError::BadRequest(format!(
+                "unknown agent {name:?}; agents are: {}",
+                known.join(", ")
+            ))
+        })
 }
 
 /// Workspaces as absolute, existing directories; `:ro`/`:readonly` on extras.
 fn parse_workspaces(raw: &[String]) -> Result<Vec<Workspace>, DaemonError> {
     if raw.is_empty() {
-        return Err(DaemonError::BadRequest("no workspace given: name the folder the agent works in, e.g. `.`".into()));
+        return Err(DaemonError::BadRequest(
+            "no workspace given: name the folder the agent works in, e.g. `.`".into(),
+        ));
     }
     raw.iter()
         .enumerate()
@@ -578,8 +717,13 @@ fn parse_workspaces(raw: &[String]) -> Result<Vec<Workspace>, DaemonError> {
 pub fn validate_name(name: &str) -> Result<(), DaemonError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -611,7 +755,10 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
 }
 
 fn kill_init(pid: i32) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// Block until `pid` has exited, reaping it if it is our child.
@@ -628,12 +775,18 @@ fn wait_for_exit_timeout(pid: i32, timeout: Duration) -> bool {
     } else {
         // SAFETY: `raw` is a fresh descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)), Ok(n) if n > 0)
     };
     if exited {
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
     }
     exited
 }
@@ -658,11 +811,21 @@ mod tests {
         let b = dir.path().join("b");
         fs::create_dir(&a).unwrap();
         fs::create_dir(&b).unwrap();
-        let got = parse_workspaces(&[a.display().to_string(), format!("{}:ro", b.display())]).unwrap();
+        let got =
+            parse_workspaces(&[a.display().to_string(), format!("{}:ro", b.display())]).unwrap();
         let canon = |p: &Path| fs::canonicalize(p).unwrap().display().to_string();
         assert_eq!(
             got,
-            vec![Workspace { path: canon(&a), read_only: false }, Workspace { path: canon(&b), read_only: true }]
+            vec![
+                Workspace {
+                    path: canon(&a),
+                    read_only: false
+                },
+                Workspace {
+                    path: canon(&b),
+                    read_only: true
+                }
+            ]
         );
         assert!(parse_workspaces(&[format!("{}:ro", a.display())]).is_err());
         assert!(parse_workspaces(&[dir.path().join("missing").display().to_string()]).is_err());

@@ -29,7 +29,8 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
     let _lock = take_lock(&paths)?;
     let socket = paths.socket();
     let _ = fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).map_err(|e| DaemonError::io(format!("bind {}", socket.display()), e))?;
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| DaemonError::io(format!("bind {}", socket.display()), e))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .map_err(|e| DaemonError::io(format!("chmod {}", socket.display()), e))?;
 
@@ -63,7 +64,10 @@ fn take_lock(paths: &Paths) -> Result<fs::File, DaemonError> {
     if file.try_lock().is_err() {
         let mut pid = String::new();
         let _ = file.read_to_string(&mut pid);
-        return Err(DaemonError::AlreadyRunning { pid: pid.trim().to_string(), socket: paths.socket().display().to_string() });
+        return Err(DaemonError::AlreadyRunning {
+            pid: pid.trim().to_string(),
+            socket: paths.socket().display().to_string(),
+        });
     }
     let _ = file.set_len(0);
     let _ = file.rewind();
@@ -84,29 +88,44 @@ impl Replies<'_> {
         let _ = send_frame(self.conn, reply, fds);
     }
     pub fn progress(&self, message: impl Into<String>) {
-        self.send(&Reply::Progress { message: message.into() });
+        self.send(&Reply::Progress {
+            message: message.into(),
+        });
     }
     pub fn warning(&self, message: impl Into<String>) {
-        self.send(&Reply::Warning { message: message.into() });
+        self.send(&Reply::Warning {
+            message: message.into(),
+        });
     }
 }
 
 fn serve(daemon: &Daemon, conn: UnixStream) {
-    let Ok((req, fds)) = recv_frame::<Request>(&conn) else { return };
+    let Ok((req, fds)) = recv_frame::<Request>(&conn) else {
+        return;
+    };
     let replies = Replies { conn: &conn };
     let result = dispatch(daemon, req, fds, &replies);
     match result {
         Ok(Some(value)) => replies.send(&Reply::Ok { value }),
         Ok(None) => {}
-        Err(e) => replies.send(&Reply::Error { message: e.to_string() }),
+        Err(e) => replies.send(&Reply::Error {
+            message: e.to_string(),
+        }),
     }
 }
 
 fn to_value<T: serde::Serialize>(v: T) -> Result<Option<serde_json::Value>, DaemonError> {
-    serde_json::to_value(v).map(Some).map_err(|e| DaemonError::BadRequest(e.to_string()))
+    serde_json::to_value(v)
+        .map(Some)
+        .map_err(|e| DaemonError::BadRequest(e.to_string()))
 }
 
-fn dispatch(daemon: &Daemon, req: Request, fds: Vec<OwnedFd>, r: &Replies) -> Result<Option<serde_json::Value>, DaemonError> {
+fn dispatch(
+    daemon: &Daemon,
+    req: Request,
+    fds: Vec<OwnedFd>,
+    r: &Replies,
+) -> Result<Option<serde_json::Value>, DaemonError> {
     match req {
         Request::Version => to_value(VersionInfo {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -125,10 +144,16 @@ fn dispatch(daemon: &Daemon, req: Request, fds: Vec<OwnedFd>, r: &Replies) -> Re
         Request::SandboxStop { name } => to_value(daemon.stop(&name)?),
         Request::SandboxRm { name } => to_value(daemon.remove(&name)?),
         Request::SandboxReset => to_value(daemon.reset()?),
-        Request::SandboxPorts { name, publish, unpublish } => to_value(daemon.ports(&name, &publish, &unpublish)?),
+        Request::SandboxPorts {
+            name,
+            publish,
+            unpublish,
+        } => to_value(daemon.ports(&name, &publish, &unpublish)?),
         Request::ImageList => to_value(daemon.image_list()?),
         Request::ImageRm { reference } => to_value(daemon.image_rm(&reference)?),
-        Request::ImageImport { path, reference } => to_value(daemon.image_import(&path, &reference, r)?),
+        Request::ImageImport { path, reference } => {
+            to_value(daemon.image_import(&path, &reference, r)?)
+        }
         Request::TemplateBuild { name } => to_value(daemon.template_build(&name, r)?),
     }
 }

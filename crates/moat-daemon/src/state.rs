@@ -56,8 +56,10 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 impl State {
     pub fn open(path: &Path) -> Result<State, DaemonError> {
         let conn = Connection::open(path).map_err(db_err)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")
-            .map_err(db_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        )
+        .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         Ok(State { conn })
     }
@@ -74,14 +76,22 @@ impl State {
         );
         match res {
             Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
                 Err(DaemonError::NameTaken(i.name.clone()))
             }
             Err(e) => Err(db_err(e)),
         }
     }
 
-    pub fn set_phase(&mut self, id: &str, phase: &str, pid: Option<i32>, pid_start: Option<u64>) -> Result<(), DaemonError> {
+    pub fn set_phase(
+        &mut self,
+        id: &str,
+        phase: &str,
+        pid: Option<i32>,
+        pid_start: Option<u64>,
+    ) -> Result<(), DaemonError> {
         self.conn
             .execute(
                 "UPDATE sandboxes SET status = ?2, pid = ?3, pid_start = ?4 WHERE id = ?1",
@@ -92,17 +102,29 @@ impl State {
     }
 
     pub fn set_ports(&mut self, id: &str, ports: &[PortMapping]) -> Result<(), DaemonError> {
-        self.conn.execute("UPDATE sandboxes SET ports = ?2 WHERE id = ?1", params![id, json(&ports)]).map_err(db_err)?;
+        self.conn
+            .execute(
+                "UPDATE sandboxes SET ports = ?2 WHERE id = ?1",
+                params![id, json(&ports)],
+            )
+            .map_err(db_err)?;
         Ok(())
     }
 
     pub fn set_limits(&mut self, id: &str, limits: &Limits) -> Result<(), DaemonError> {
-        self.conn.execute("UPDATE sandboxes SET limits = ?2 WHERE id = ?1", params![id, json(limits)]).map_err(db_err)?;
+        self.conn
+            .execute(
+                "UPDATE sandboxes SET limits = ?2 WHERE id = ?1",
+                params![id, json(limits)],
+            )
+            .map_err(db_err)?;
         Ok(())
     }
 
     pub fn delete(&mut self, id: &str) -> Result<(), DaemonError> {
-        self.conn.execute("DELETE FROM sandboxes WHERE id = ?1", params![id]).map_err(db_err)?;
+        self.conn
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -142,12 +164,21 @@ fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<SandboxRow> {
         workspaces,
         limits: parse(r.get(7)?),
         ports: parse(r.get(8)?),
-        status: if phase == "running" { SandboxStatus::Running } else { SandboxStatus::Stopped },
+        status: if phase == "running" {
+            SandboxStatus::Running
+        } else {
+            SandboxStatus::Stopped
+        },
         pid: r.get(10)?,
         created: r.get(12)?,
         isolation: "namespaces".into(),
     };
-    Ok(SandboxRow { info, layers: parse(r.get(5)?), phase, pid_start: r.get::<_, Option<i64>>(11)?.map(|v| v as u64) })
+    Ok(SandboxRow {
+        info,
+        layers: parse(r.get(5)?),
+        phase,
+        pid_start: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+    })
 }
 
 #[cfg(test)]
@@ -163,10 +194,22 @@ mod tests {
                 template: "moat/shell:latest".into(),
                 image_id: "sha256:00".into(),
                 status: SandboxStatus::Stopped,
-                workspaces: vec![Workspace { path: "/w".into(), read_only: false }],
+                workspaces: vec![Workspace {
+                    path: "/w".into(),
+                    read_only: false,
+                }],
                 created: "2026-11-22T00:00:00Z".into(),
-                limits: Limits { memory: Some(1), cpus: None, pids: Some(2), enforced: true, note: "cgroup v1".into() },
-                ports: vec![PortMapping { host_port: 1, sandbox_port: 2 }],
+                limits: Limits {
+                    memory: Some(1),
+                    cpus: None,
+                    pids: Some(2),
+                    enforced: true,
+                    note: "cgroup v1".into(),
+                },
+                ports: vec![PortMapping {
+                    host_port: 1,
+                    sandbox_port: 2,
+                }],
                 pid: None,
                 isolation: "namespaces".into(),
             },
@@ -187,7 +230,10 @@ mod tests {
         assert!(matches!(st.insert(&dup), Err(DaemonError::NameTaken(_))));
         st.set_phase("id-a", "running", Some(42), Some(7)).unwrap();
         let got = st.by_name("a").unwrap().unwrap();
-        assert_eq!((got.info.status, got.info.pid, got.pid_start), (SandboxStatus::Running, Some(42), Some(7)));
+        assert_eq!(
+            (got.info.status, got.info.pid, got.pid_start),
+            (SandboxStatus::Running, Some(42), Some(7))
+        );
         st.delete("id-a").unwrap();
         assert_eq!(st.all().unwrap(), vec![]);
     }

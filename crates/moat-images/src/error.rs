@@ -55,7 +55,9 @@ pub enum ImageError {
     Helper(String),
 
     /// A layer that a sandbox mounts is not unpacked in the store any more.
-    #[error("layer {diff_id} is missing from the image store; remove the sandbox and create it again")]
+    #[error(
+        "layer {diff_id} is missing from the image store; remove the sandbox and create it again"
+    )]
     MissingLayer { diff_id: String },
 
     /// A file system operation failed.

@@ -281,7 +281,9 @@ impl ImageStore {
 
     /// The unpacked root of one layer, by diff id, if it is complete.
     pub fn layer_dir(&self, diff_id: &str) -> Result<PathBuf, ImageError> {
-        let missing = || ImageError::MissingLayer { diff_id: diff_id.to_string() };
+        let missing = || ImageError::MissingLayer {
+            diff_id: diff_id.to_string(),
+        };
         let hex = digest_hex(diff_id).ok_or_else(missing)?;
         let dir = self.layers_dir().join(hex);
         if dir.join(COMPLETE).is_file() {

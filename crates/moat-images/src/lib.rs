@@ -17,7 +17,7 @@ pub mod template;
 mod unpack;
 
 pub use error::ImageError;
-pub use oci::now_rfc3339;
 pub use layout::{ImageInfo, ImageStore};
+pub use oci::now_rfc3339;
 pub use reference::Reference;
 pub use unpack::{unpack_layer, DirectUnpacker, LayerUnpacker};

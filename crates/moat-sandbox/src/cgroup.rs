@@ -47,14 +47,23 @@ pub fn detect(rootless: bool) -> Hierarchy {
         };
         return Hierarchy::V2 { parent };
     }
-    let mounted: Vec<PathBuf> = V1_CONTROLLERS.iter().map(|c| root.join(c)).filter(|p| p.is_dir()).collect();
+    let mounted: Vec<PathBuf> = V1_CONTROLLERS
+        .iter()
+        .map(|c| root.join(c))
+        .filter(|p| p.is_dir())
+        .collect();
     if mounted.len() != V1_CONTROLLERS.len() {
-        return Hierarchy::None { reason: "the host mounts neither cgroup v2 nor the v1 memory, pids and cpu controllers".into() };
+        return Hierarchy::None {
+            reason: "the host mounts neither cgroup v2 nor the v1 memory, pids and cpu controllers"
+                .into(),
+        };
     }
     if rootless && !mounted.iter().all(|p| writable(p)) {
         return Hierarchy::None { reason: "cgroup v1 is not writable by this user (run the daemon as root for enforced limits)".into() };
     }
-    Hierarchy::V1 { parents: mounted.into_iter().map(|p| p.join("moat")).collect() }
+    Hierarchy::V1 {
+        parents: mounted.into_iter().map(|p| p.join("moat")).collect(),
+    }
 }
 
 fn own_v2_cgroup() -> Option<PathBuf> {
@@ -80,7 +89,11 @@ impl Hierarchy {
         match made {
             Ok(cg) => {
                 out.enforced = true;
-                out.note = if cg.v2 { "cgroup v2".into() } else { "cgroup v1".into() };
+                out.note = if cg.v2 {
+                    "cgroup v2".into()
+                } else {
+                    "cgroup v1".into()
+                };
                 (Some(cg), out)
             }
             Err(reason) => {
@@ -93,7 +106,8 @@ impl Hierarchy {
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
-    fs::write(dir.join(file), value).map_err(|e| format!("write {value} to {}: {e}", dir.join(file).display()))
+    fs::write(dir.join(file), value)
+        .map_err(|e| format!("write {value} to {}: {e}", dir.join(file).display()))
 }
 
 fn mkdir(dir: &Path) -> Result<(), String> {
@@ -117,9 +131,16 @@ fn create_v2(parent: &Path, id: &str, limits: &Limits) -> Result<Cgroup, String>
         write(&dir, "pids.max", &pids.to_string())?;
     }
     if let Some(cpus) = limits.cpus {
-        write(&dir, "cpu.max", &format!("{} {CPU_PERIOD_US}", (cpus * CPU_PERIOD_US as f64) as u64))?;
+        write(
+            &dir,
+            "cpu.max",
+            &format!("{} {CPU_PERIOD_US}", (cpus * CPU_PERIOD_US as f64) as u64),
+        )?;
     }
-    Ok(Cgroup { dirs: vec![dir], v2: true })
+    Ok(Cgroup {
+        dirs: vec![dir],
+        v2: true,
+    })
 }
 
 fn create_v1(parents: &[PathBuf], id: &str, limits: &Limits) -> Result<Cgroup, String> {
@@ -127,7 +148,11 @@ fn create_v1(parents: &[PathBuf], id: &str, limits: &Limits) -> Result<Cgroup, S
     for parent in parents {
         let dir = parent.join(id);
         mkdir(&dir)?;
-        let controller = parent.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or("");
+        let controller = parent
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
         match controller {
             "memory" => {
                 if let Some(mem) = limits.memory {
@@ -145,7 +170,11 @@ fn create_v1(parents: &[PathBuf], id: &str, limits: &Limits) -> Result<Cgroup, S
             "cpu" => {
                 if let Some(cpus) = limits.cpus {
                     write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                    write(&dir, "cpu.cfs_quota_us", &((cpus * CPU_PERIOD_US as f64) as u64).to_string())?;
+                    write(
+                        &dir,
+                        "cpu.cfs_quota_us",
+                        &((cpus * CPU_PERIOD_US as f64) as u64).to_string(),
+                    )?;
                 }
             }
             _ => {}
@@ -159,8 +188,14 @@ impl Cgroup {
     /// The cgroup a sandbox with this id would have had: for clean-up after a crash.
     pub fn existing(hierarchy: &Hierarchy, id: &str) -> Option<Cgroup> {
         let cg = match hierarchy {
-            Hierarchy::V2 { parent } => Cgroup { dirs: vec![parent.join(id)], v2: true },
-            Hierarchy::V1 { parents } => Cgroup { dirs: parents.iter().map(|p| p.join(id)).collect(), v2: false },
+            Hierarchy::V2 { parent } => Cgroup {
+                dirs: vec![parent.join(id)],
+                v2: true,
+            },
+            Hierarchy::V1 { parents } => Cgroup {
+                dirs: parents.iter().map(|p| p.join(id)).collect(),
+                v2: false,
+            },
             Hierarchy::None { .. } => return None,
         };
         cg.dirs.iter().any(|d| d.exists()).then_some(cg)
@@ -174,7 +209,9 @@ impl Cgroup {
     }
 
     pub fn pids(&self) -> Vec<i32> {
-        let Some(dir) = self.dirs.first() else { return vec![] };
+        let Some(dir) = self.dirs.first() else {
+            return vec![];
+        };
         fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
@@ -193,7 +230,10 @@ impl Cgroup {
                 let _ = write(&self.dirs[0], "cgroup.kill", "1");
             } else {
                 for pid in pids {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
             }
             std::thread::sleep(std::time::Duration::from_millis(10));

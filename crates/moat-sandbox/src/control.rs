@@ -16,15 +16,23 @@ use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrStorage};
 use crate::SandboxError;
 
 fn connect(path: &Path) -> Result<UnixStream, SandboxError> {
-    UnixStream::connect(path).map_err(|err| SandboxError::Unreachable { path: path.display().to_string(), err })
+    UnixStream::connect(path).map_err(|err| SandboxError::Unreachable {
+        path: path.display().to_string(),
+        err,
+    })
 }
 
-fn ask(path: &Path, req: &InitRequest, fds: &[i32]) -> Result<(UnixStream, InitReply, Vec<OwnedFd>), SandboxError> {
+fn ask(
+    path: &Path,
+    req: &InitRequest,
+    fds: &[i32],
+) -> Result<(UnixStream, InitReply, Vec<OwnedFd>), SandboxError> {
     let conn = connect(path)?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| SandboxError::io("socket timeout", e))?;
     send_frame(&conn, req, fds).map_err(|e| SandboxError::Protocol(e.to_string()))?;
-    let (reply, fds) = recv_frame::<InitReply>(&conn).map_err(|e| SandboxError::Protocol(e.to_string()))?;
+    let (reply, fds) =
+        recv_frame::<InitReply>(&conn).map_err(|e| SandboxError::Protocol(e.to_string()))?;
     if let InitReply::Error { message } = reply {
         return Err(SandboxError::Refused(message));
     }
@@ -35,7 +43,9 @@ fn ask(path: &Path, req: &InitRequest, fds: &[i32]) -> Result<(UnixStream, InitR
 pub fn ping(path: &Path) -> Result<(), SandboxError> {
     match ask(path, &InitRequest::Ping, &[])?.1 {
         InitReply::Pong { .. } => Ok(()),
-        other => Err(SandboxError::Protocol(format!("expected pong, got {other:?}"))),
+        other => Err(SandboxError::Protocol(format!(
+            "expected pong, got {other:?}"
+        ))),
     }
 }
 
@@ -49,11 +59,17 @@ pub struct ExecSession {
 
 impl ExecSession {
     pub fn wait(self) -> Result<i32, SandboxError> {
-        self.conn.set_read_timeout(None).map_err(|e| SandboxError::io("socket timeout", e))?;
+        self.conn
+            .set_read_timeout(None)
+            .map_err(|e| SandboxError::io("socket timeout", e))?;
         match recv_frame::<InitReply>(&self.conn) {
             Ok((InitReply::Exited { code }, _)) => Ok(code),
-            Ok((other, _)) => Err(SandboxError::Protocol(format!("expected an exit code, got {other:?}"))),
-            Err(e) => Err(SandboxError::Protocol(format!("the sandbox stopped before the process ended ({e})"))),
+            Ok((other, _)) => Err(SandboxError::Protocol(format!(
+                "expected an exit code, got {other:?}"
+            ))),
+            Err(e) => Err(SandboxError::Protocol(format!(
+                "the sandbox stopped before the process ended ({e})"
+            ))),
         }
     }
 
@@ -67,10 +83,14 @@ impl ExecSession {
 pub fn exec(path: &Path, exec: &InitExec, stdio: &[i32]) -> Result<ExecSession, SandboxError> {
     let (conn, reply, mut fds) = ask(path, &InitRequest::Exec(exec.clone()), stdio)?;
     let InitReply::Started { pid } = reply else {
-        return Err(SandboxError::Protocol(format!("expected started, got {reply:?}")));
+        return Err(SandboxError::Protocol(format!(
+            "expected started, got {reply:?}"
+        )));
     };
     let master = if exec.tty {
-        let fd = fds.pop().ok_or_else(|| SandboxError::Protocol("no terminal came back".into()))?;
+        let fd = fds
+            .pop()
+            .ok_or_else(|| SandboxError::Protocol("no terminal came back".into()))?;
         check_is_pty_master(&fd)?;
         Some(fd)
     } else {
@@ -81,7 +101,14 @@ pub fn exec(path: &Path, exec: &InitExec, stdio: &[i32]) -> Result<ExecSession, 
 
 /// Ask init to end everything and exit.
 pub fn stop(path: &Path, grace: Duration) -> Result<(), SandboxError> {
-    ask(path, &InitRequest::Stop { grace_ms: grace.as_millis() as u64 }, &[]).map(|_| ())
+    ask(
+        path,
+        &InitRequest::Stop {
+            grace_ms: grace.as_millis() as u64,
+        },
+        &[],
+    )
+    .map(|_| ())
 }
 
 /// A fresh TCP socket in the sandbox's network namespace, for a door. The
@@ -89,9 +116,14 @@ pub fn stop(path: &Path, grace: Duration) -> Result<(), SandboxError> {
 pub fn door_socket(path: &Path, init_pid: i32, ipv6: bool) -> Result<OwnedFd, SandboxError> {
     let (_, reply, mut fds) = ask(path, &InitRequest::Socket { ipv6 }, &[])?;
     if reply != InitReply::Socket || fds.len() != 1 {
-        return Err(SandboxError::Protocol(format!("expected one socket, got {reply:?} with {} descriptors", fds.len())));
+        return Err(SandboxError::Protocol(format!(
+            "expected one socket, got {reply:?} with {} descriptors",
+            fds.len()
+        )));
     }
-    let fd = fds.pop().ok_or_else(|| SandboxError::Protocol("no socket".into()))?;
+    let fd = fds
+        .pop()
+        .ok_or_else(|| SandboxError::Protocol("no socket".into()))?;
     check_door_socket(&fd, init_pid, ipv6)?;
     Ok(fd)
 }
@@ -101,11 +133,13 @@ fn refuse(what: &str) -> SandboxError {
 }
 
 fn check_door_socket(fd: &OwnedFd, init_pid: i32, ipv6: bool) -> Result<(), SandboxError> {
-    let ty = getsockopt(fd, sockopt::SockType).map_err(|_| refuse("something that is not a socket"))?;
+    let ty =
+        getsockopt(fd, sockopt::SockType).map_err(|_| refuse("something that is not a socket"))?;
     if ty != nix::sys::socket::SockType::Stream {
         return Err(refuse("a socket that is not a stream socket"));
     }
-    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|_| refuse("an unnamed socket"))?;
+    let addr: SockaddrStorage =
+        getsockname(fd.as_raw_fd()).map_err(|_| refuse("an unnamed socket"))?;
     let fresh = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
         (Some(v4), _) if !ipv6 => v4.port() == 0 && v4.ip().is_unspecified(),
         (_, Some(v6)) if ipv6 => v6.port() == 0 && v6.ip().is_unspecified(),
@@ -115,13 +149,17 @@ fn check_door_socket(fd: &OwnedFd, init_pid: i32, ipv6: bool) -> Result<(), Sand
         return Err(refuse("a socket of the wrong family or one already bound"));
     }
     // SAFETY: SIOCGSKNS returns a new descriptor for the socket's network namespace.
-    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), 0x894C /* SIOCGSKNS */) };
+    let ns = unsafe {
+        libc::ioctl(fd.as_raw_fd(), 0x894C /* SIOCGSKNS */)
+    };
     if ns < 0 {
         return Err(refuse("a socket whose network namespace cannot be read"));
     }
     // SAFETY: `ns` is a fresh descriptor we own.
     let ns = std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ns) });
-    let theirs = ns.metadata().map_err(|e| SandboxError::io("stat socket namespace", e))?;
+    let theirs = ns
+        .metadata()
+        .map_err(|e| SandboxError::io("stat socket namespace", e))?;
     let ours = std::fs::metadata(format!("/proc/{init_pid}/ns/net"))
         .map_err(|e| SandboxError::io("stat the sandbox's network namespace", e))?;
     if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {

@@ -37,9 +37,18 @@ pub struct IdMap {
 #[derive(Debug, thiserror::Error)]
 pub enum IdMapError {
     #[error("user {user} has no subordinate {kind} range in {file}: add one with `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}`")]
-    NoSubordinateRange { user: String, kind: &'static str, file: &'static str },
+    NoSubordinateRange {
+        user: String,
+        kind: &'static str,
+        file: &'static str,
+    },
     #[error("the subordinate {kind} range of {user} has {count} ids; a sandbox needs {RANGE}: give it a larger one in {file}")]
-    RangeTooSmall { user: String, kind: &'static str, file: &'static str, count: u32 },
+    RangeTooSmall {
+        user: String,
+        kind: &'static str,
+        file: &'static str,
+        count: u32,
+    },
     #[error("{tool} is not installed; rootless sandboxes need it: `apt-get install uidmap`")]
     MissingHelper { tool: &'static str },
     #[error("could not write the id map of process {pid}: {detail}")]
@@ -49,8 +58,16 @@ pub enum IdMapError {
 /// Build the three-piece map: 0..1000 and 1001..65536 from `base`, 1000 to `own`.
 fn split_map(own: u32, base: u32) -> Vec<IdMapping> {
     vec![
-        IdMapping { inside: 0, outside: base, count: AGENT_UID },
-        IdMapping { inside: AGENT_UID, outside: own, count: 1 },
+        IdMapping {
+            inside: 0,
+            outside: base,
+            count: AGENT_UID,
+        },
+        IdMapping {
+            inside: AGENT_UID,
+            outside: own,
+            count: 1,
+        },
         IdMapping {
             inside: AGENT_UID + 1,
             outside: base + AGENT_UID + 1,
@@ -62,14 +79,22 @@ fn split_map(own: u32, base: u32) -> Vec<IdMapping> {
 impl IdMap {
     /// The map for a daemon running as root: a dedicated range at `base`.
     pub fn for_root(base: u32) -> IdMap {
-        IdMap { uids: split_map(0, base), gids: split_map(0, base), rootless: false }
+        IdMap {
+            uids: split_map(0, base),
+            gids: split_map(0, base),
+            rootless: false,
+        }
     }
 
     /// The map for a daemon running as `uid`/`gid` named `user`, from its subordinate ranges.
     pub fn for_user(user: &str, uid: u32, gid: u32) -> Result<IdMap, IdMapError> {
         let sub_uid = subordinate_start(Path::new("/etc/subuid"), user, uid, "uid", "/etc/subuid")?;
         let sub_gid = subordinate_start(Path::new("/etc/subgid"), user, uid, "gid", "/etc/subgid")?;
-        Ok(IdMap { uids: split_map(uid, sub_uid), gids: split_map(gid, sub_gid), rootless: true })
+        Ok(IdMap {
+            uids: split_map(uid, sub_uid),
+            gids: split_map(gid, sub_gid),
+            rootless: true,
+        })
     }
 
     /// The host uid that an id inside maps to, if any.
@@ -88,8 +113,12 @@ impl IdMap {
             run_helper("newgidmap", pid, &self.gids)
         } else {
             let write = |file: &str, map: &[IdMapping]| {
-                fs::write(format!("/proc/{pid}/{file}"), render(map))
-                    .map_err(|e| IdMapError::Write { pid, detail: format!("{file}: {e}") })
+                fs::write(format!("/proc/{pid}/{file}"), render(map)).map_err(|e| {
+                    IdMapError::Write {
+                        pid,
+                        detail: format!("{file}: {e}"),
+                    }
+                })
             };
             write("uid_map", &self.uids)?;
             write("gid_map", &self.gids)
@@ -104,18 +133,27 @@ fn lookup(map: &[IdMapping], inside: u32) -> Option<u32> {
 }
 
 fn render(map: &[IdMapping]) -> String {
-    map.iter().map(|m| format!("{} {} {}\n", m.inside, m.outside, m.count)).collect()
+    map.iter()
+        .map(|m| format!("{} {} {}\n", m.inside, m.outside, m.count))
+        .collect()
 }
 
 fn run_helper(tool: &'static str, pid: i32, map: &[IdMapping]) -> Result<(), IdMapError> {
     let mut cmd = Command::new(tool);
     cmd.arg(pid.to_string());
     for m in map {
-        cmd.args([m.inside.to_string(), m.outside.to_string(), m.count.to_string()]);
+        cmd.args([
+            m.inside.to_string(),
+            m.outside.to_string(),
+            m.count.to_string(),
+        ]);
     }
     let out = cmd.output().map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => IdMapError::MissingHelper { tool },
-        _ => IdMapError::Write { pid, detail: format!("{tool}: {e}") },
+        _ => IdMapError::Write {
+            pid,
+            detail: format!("{tool}: {e}"),
+        },
     })?;
     if out.status.success() {
         Ok(())
@@ -137,8 +175,17 @@ fn subordinate_start(
 ) -> Result<u32, IdMapError> {
     let text = fs::read_to_string(path).unwrap_or_default();
     parse_subordinate(&text, user, uid).map_err(|count| match count {
-        0 => IdMapError::NoSubordinateRange { user: user.into(), kind, file },
-        count => IdMapError::RangeTooSmall { user: user.into(), kind, file, count },
+        0 => IdMapError::NoSubordinateRange {
+            user: user.into(),
+            kind,
+            file,
+        },
+        count => IdMapError::RangeTooSmall {
+            user: user.into(),
+            kind,
+            file,
+            count,
+        },
     })
 }
 
@@ -175,9 +222,21 @@ mod tests {
         assert_eq!(
             map.uids,
             vec![
-                IdMapping { inside: 0, outside: 1_000_000_000, count: 1000 },
-                IdMapping { inside: 1000, outside: 0, count: 1 },
-                IdMapping { inside: 1001, outside: 1_000_001_001, count: 64535 },
+                IdMapping {
+                    inside: 0,
+                    outside: 1_000_000_000,
+                    count: 1000
+                },
+                IdMapping {
+                    inside: 1000,
+                    outside: 0,
+                    count: 1
+                },
+                IdMapping {
+                    inside: 1001,
+                    outside: 1_000_001_001,
+                    count: 64535
+                },
             ]
         );
         assert_eq!(map.host_uid(0), Some(1_000_000_000));

@@ -46,7 +46,10 @@ pub fn main() -> i32 {
 
 fn setup_and_fork() -> Result<(), SandboxError> {
     let mut line = String::new();
-    io::stdin().lock().read_line(&mut line).map_err(SandboxError::Handshake)?;
+    io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(SandboxError::Handshake)?;
     let spec: SandboxSpec = serde_json::from_str(&line)
         .map_err(|e| SandboxError::Start(format!("bad sandbox spec: {e}")))?;
     userns::become_root_in_new_userns()?;
@@ -64,7 +67,14 @@ fn setup_and_fork() -> Result<(), SandboxError> {
     // daemon reaps it and this process can exit now.
     // SAFETY: a raw clone without CLONE_VM is a fork; this process is single-threaded.
     let pid = unsafe {
-        libc::syscall(libc::SYS_clone, libc::CLONE_PARENT | libc::SIGCHLD, 0, 0, 0, 0)
+        libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_PARENT | libc::SIGCHLD,
+            0,
+            0,
+            0,
+            0,
+        )
     };
     match pid {
         -1 => Err(SandboxError::sys("clone", Errno::last())),
@@ -109,7 +119,13 @@ fn run_init(spec: &SandboxSpec) -> Result<Never, SandboxError> {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         mask.add(s);
     }
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
@@ -121,7 +137,9 @@ fn run_init(spec: &SandboxSpec) -> Result<Never, SandboxError> {
     let _ = io::stdout().flush();
     detach_stdio();
 
-    let mut init = Init { sessions: HashMap::new() };
+    let mut init = Init {
+        sessions: HashMap::new(),
+    };
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -131,8 +149,12 @@ fn run_init(spec: &SandboxSpec) -> Result<Never, SandboxError> {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(SandboxError::sys("poll", e)),
         }
-        let conn_ready = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let sig_ready = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let conn_ready = fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let sig_ready = fds[1]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
         if sig_ready {
             while let Ok(Some(info)) = sigfd.read_signal() {
                 if info.ssi_signo != Signal::SIGCHLD as u32 {
@@ -157,12 +179,26 @@ struct Init {
 impl Init {
     fn serve(&mut self, conn: UnixStream) {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let Ok((req, fds)) = recv_frame::<InitRequest>(&conn) else { return };
+        let Ok((req, fds)) = recv_frame::<InitRequest>(&conn) else {
+            return;
+        };
         match req {
-            InitRequest::Ping => reply(&conn, &InitReply::Pong { pid: std::process::id() as i32 }, &[]),
+            InitRequest::Ping => reply(
+                &conn,
+                &InitReply::Pong {
+                    pid: std::process::id() as i32,
+                },
+                &[],
+            ),
             InitRequest::Socket { ipv6 } => match door_socket(ipv6) {
                 Ok(sock) => reply(&conn, &InitReply::Socket, &[sock.as_raw_fd()]),
-                Err(e) => reply(&conn, &InitReply::Error { message: e.to_string() }, &[]),
+                Err(e) => reply(
+                    &conn,
+                    &InitReply::Error {
+                        message: e.to_string(),
+                    },
+                    &[],
+                ),
             },
             InitRequest::Exec(exec) => match spawn(&exec, fds) {
                 Ok((pid, master)) => {
@@ -204,7 +240,10 @@ impl Init {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             self.reap();
-            if matches!(waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)), Err(Errno::ECHILD)) {
+            if matches!(
+                waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
+                Err(Errno::ECHILD)
+            ) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -231,7 +270,11 @@ fn door_socket(ipv6: bool) -> Result<OwnedFd, SandboxError> {
 }
 
 fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
         let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
     }
@@ -252,7 +295,11 @@ fn loopback_up() -> Result<(), SandboxError> {
         _pad: [u8; 22],
     }
     let sock = door_socket(false)?;
-    let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
     req.name[..2].copy_from_slice(b"lo");
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq, which `req` is laid out as.
     unsafe {
@@ -281,7 +328,10 @@ fn drop_bounding_caps() -> Result<(), SandboxError> {
         }
         // SAFETY: plain prctl with integer arguments.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
-            return Err(SandboxError::sys(format!("drop capability {cap}"), Errno::last()));
+            return Err(SandboxError::sys(
+                format!("drop capability {cap}"),
+                Errno::last(),
+            ));
         }
     }
     Ok(())
@@ -305,9 +355,20 @@ fn restrict_own_caps() -> Result<(), SandboxError> {
     for cap in KEPT_CAPS {
         mask |= 1 << cap;
     }
-    let lo = Data { effective: mask as u32, permitted: mask as u32, inheritable: 0 };
-    let hi = Data { effective: (mask >> 32) as u32, permitted: (mask >> 32) as u32, inheritable: 0 };
-    let header = Header { version: 0x2008_0522, pid: 0 };
+    let lo = Data {
+        effective: mask as u32,
+        permitted: mask as u32,
+        inheritable: 0,
+    };
+    let hi = Data {
+        effective: (mask >> 32) as u32,
+        permitted: (mask >> 32) as u32,
+        inheritable: 0,
+    };
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
     let data = [lo, hi];
     // SAFETY: capset reads a v3 header and two data structs, which these are.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
@@ -331,17 +392,30 @@ fn resolve_user(spec: Option<&str>) -> Result<User, String> {
     let wanted = spec.unwrap_or("agent");
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let (who, gid_override) = match wanted.split_once(':') {
-        Some((u, g)) => (u, Some(g.parse::<u32>().map_err(|_| format!("bad group id in {wanted:?}"))?)),
+        Some((u, g)) => (
+            u,
+            Some(
+                g.parse::<u32>()
+                    .map_err(|_| format!("bad group id in {wanted:?}"))?,
+            ),
+        ),
         None => (wanted, None),
     };
     let numeric = who.parse::<u32>().ok();
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 7 && (f[0] == who || numeric.is_some_and(|n| f[2].parse::<u32>() == Ok(n)))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| {
+            f.len() >= 7 && (f[0] == who || numeric.is_some_and(|n| f[2].parse::<u32>() == Ok(n)))
+        });
     let mut user = match (entry, numeric) {
         (Some(f), _) => User {
-            uid: f[2].parse().map_err(|_| format!("bad uid for {who} in /etc/passwd"))?,
-            gid: f[3].parse().map_err(|_| format!("bad gid for {who} in /etc/passwd"))?,
+            uid: f[2]
+                .parse()
+                .map_err(|_| format!("bad uid for {who} in /etc/passwd"))?,
+            gid: f[3]
+                .parse()
+                .map_err(|_| format!("bad gid for {who} in /etc/passwd"))?,
             name: f[0].to_string(),
             home: f[5].to_string(),
             shell: f[6].to_string(),
@@ -373,13 +447,22 @@ fn resolve_user(spec: Option<&str>) -> Result<User, String> {
 
 fn environment(user: &User, exec: &InitExec) -> Vec<String> {
     let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
         ("HOME".into(), user.home.clone()),
         ("USER".into(), user.name.clone()),
         ("LOGNAME".into(), user.name.clone()),
         ("SHELL".into(), user.shell.clone()),
         ("LANG".into(), "C.UTF-8".into()),
-        ("HOSTNAME".into(), nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()),
+        (
+            "HOSTNAME".into(),
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+        ),
     ];
     if exec.tty {
         env.push(("TERM".into(), "xterm-256color".into()));
@@ -396,12 +479,17 @@ fn find_program(argv0: &str, env: &[String]) -> Option<String> {
     if argv0.contains('/') {
         return Some(argv0.to_string());
     }
-    let path = env.iter().find_map(|kv| kv.strip_prefix("PATH=")).unwrap_or("/usr/bin:/bin");
-    path.split(':').map(|dir| format!("{dir}/{argv0}")).find(|p| {
-        let c = CString::new(p.as_str()).unwrap_or_default();
-        // SAFETY: access(2) on a valid C string.
-        unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
-    })
+    let path = env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or("/usr/bin:/bin");
+    path.split(':')
+        .map(|dir| format!("{dir}/{argv0}"))
+        .find(|p| {
+            let c = CString::new(p.as_str()).unwrap_or_default();
+            // SAFETY: access(2) on a valid C string.
+            unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+        })
 }
 
 /// Start `exec` and return its pid and, with a TTY, the terminal's master side.
@@ -414,23 +502,39 @@ fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), S
     let program = find_program(&exec.argv[0], &env)
         .ok_or_else(|| format!("{}: executable file not found in $PATH", exec.argv[0]))?;
     let cwd = exec.cwd.clone().unwrap_or_else(|| user.home.clone());
-    let pty = if exec.tty { Some(pty::open(exec.rows, exec.cols).map_err(|e| e.to_string())?) } else { None };
+    let pty = if exec.tty {
+        Some(pty::open(exec.rows, exec.cols).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
 
     let to_c = |s: &str| CString::new(s).map_err(|_| format!("argument with a NUL byte: {s:?}"));
     let c_program = to_c(&program)?;
-    let c_argv = exec.argv.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
+    let c_argv = exec
+        .argv
+        .iter()
+        .map(|a| to_c(a))
+        .collect::<Result<Vec<_>, _>>()?;
     let c_env = env.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
     let c_cwd = to_c(&cwd)?;
     let c_slave = pty.as_ref().map(|p| to_c(&p.slave_path)).transpose()?;
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
 
     // SAFETY: init is single-threaded; the child only calls exec-preparation syscalls.
     match unsafe { nix::unistd::fork() } {
         Err(e) => Err(format!("fork: {e}")),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(err_r);
-            let stage = child_exec(&user, &fds, c_slave.as_ref(), &c_cwd, &c_program, &c_argv, &c_env);
+            let stage = child_exec(
+                &user,
+                &fds,
+                c_slave.as_ref(),
+                &c_cwd,
+                &c_program,
+                &c_argv,
+                &c_env,
+            );
             let errno = Errno::last() as i32;
             let mut w = std::fs::File::from(err_w);
             let _ = w.write_all(format!("{stage}:{errno}").as_bytes());
@@ -505,7 +609,11 @@ fn child_exec(
             unsafe { libc::dup2(src, target) };
         }
     }
-    let groups: Vec<nix::unistd::Gid> = user.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    let groups: Vec<nix::unistd::Gid> = user
+        .groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
     if nix::unistd::setgroups(&groups).is_err() {
         return "setgroups";
     }
@@ -524,4 +632,3 @@ fn child_exec(
     let _ = nix::unistd::execve(program, argv, env);
     "exec"
 }
-

@@ -67,7 +67,9 @@ pub fn start(l: &Launch) -> Result<i32, SandboxError> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| SandboxError::io(format!("start {}", l.exe.display()), e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| SandboxError::io(format!("start {}", l.exe.display()), e))?;
     drop(listener);
 
     let result = handshake(&mut child, l);
@@ -81,7 +83,10 @@ pub fn start(l: &Launch) -> Result<i32, SandboxError> {
 
 fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<i32, SandboxError> {
     let spec = serde_json::to_string(l.spec).map_err(|e| SandboxError::Start(e.to_string()))?;
-    let stdin = child.stdin.as_mut().ok_or_else(|| SandboxError::Start("no stdin pipe".into()))?;
+    let stdin = child
+        .stdin
+        .as_mut()
+        .ok_or_else(|| SandboxError::Start("no stdin pipe".into()))?;
     writeln!(stdin, "{spec}").map_err(SandboxError::Handshake)?;
     let mut reader = crate::userns::map_child(child, l.idmap, |pid| match l.cgroup {
         Some(cg) => cg.add(pid).map_err(SandboxError::Start),
@@ -91,7 +96,9 @@ fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<i32, Sandbox
     let mut line = String::new();
     loop {
         line.clear();
-        let n = reader.read_line(&mut line).map_err(SandboxError::Handshake)?;
+        let n = reader
+            .read_line(&mut line)
+            .map_err(SandboxError::Handshake)?;
         let text = line.trim();
         if n == 0 {
             return Err(SandboxError::Start(format!(
@@ -105,7 +112,10 @@ fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<i32, Sandbox
             return init_pid.ok_or_else(|| SandboxError::Start("init did not give its pid".into()));
         } else if let Some(err) = text.strip_prefix("error: ") {
             if let Some(pid) = init_pid {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
             }
             return Err(SandboxError::Start(err.to_string()));

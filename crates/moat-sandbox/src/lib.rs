@@ -50,9 +50,15 @@ pub enum SandboxError {
 
 impl SandboxError {
     pub fn sys(call: impl Into<String>, err: nix::Error) -> Self {
-        SandboxError::Sys { call: call.into(), err }
+        SandboxError::Sys {
+            call: call.into(),
+            err,
+        }
     }
     pub fn io(what: impl Into<String>, err: io::Error) -> Self {
-        SandboxError::Io { what: what.into(), err }
+        SandboxError::Io {
+            what: what.into(),
+            err,
+        }
     }
 }

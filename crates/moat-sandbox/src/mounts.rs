@@ -18,7 +18,14 @@ use crate::SandboxError;
 
 /// Files in /proc that leak host information or offer host controls.
 const PROC_MASKED_FILES: &[&str] = &[
-    "kcore", "keys", "kmsg", "timer_list", "sched_debug", "latency_stats", "mtrr", "kallsyms",
+    "kcore",
+    "keys",
+    "kmsg",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "mtrr",
+    "kallsyms",
 ];
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "driver"];
 const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
@@ -31,28 +38,49 @@ fn m(
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<(), SandboxError> {
-    mount(source, target, fstype, flags, data)
-        .map_err(|e| SandboxError::sys(format!("mount {} on {}", source.unwrap_or("-"), target.display()), e))
+    mount(source, target, fstype, flags, data).map_err(|e| {
+        SandboxError::sys(
+            format!("mount {} on {}", source.unwrap_or("-"), target.display()),
+            e,
+        )
+    })
 }
 
 /// Build the root file system at `spec.rootfs` and make it `/`.
 pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
     // Nothing we mount from here on may propagate back to the host.
-    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
 
     // Made here, as the sandbox's root, so that `/` inside belongs to root
     // also when the daemon is rootless and cannot chown to a subordinate id.
     mkdir(&spec.upper_dir, 0o755)?;
     mkdir(&spec.work_dir, 0o755)?;
     let root = spec.rootfs.as_path();
-    let lower: Vec<String> = spec.lower_dirs.iter().rev().map(|p| p.display().to_string()).collect();
+    let lower: Vec<String> = spec
+        .lower_dirs
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect();
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.join(":"),
         spec.upper_dir.display(),
         spec.work_dir.display()
     );
-    m(Some("overlay"), root, Some("overlay"), MsFlags::empty(), Some(&data))?;
+    m(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&data),
+    )?;
 
     mount_proc(root)?;
     mount_sys(root)?;
@@ -61,7 +89,11 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
         bind(root, ws, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     }
     for file in &spec.files {
-        bind(root, file, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC)?;
+        bind(
+            root,
+            file,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        )?;
     }
     enter_root(root)
 }
@@ -79,13 +111,25 @@ fn mount_proc(root: &Path) -> Result<(), SandboxError> {
     for name in PROC_MASKED_DIRS {
         let p = proc_dir.join(name);
         if p.is_dir() {
-            m(Some("tmpfs"), &p, Some("tmpfs"), MsFlags::MS_RDONLY | flags, Some("size=0"))?;
+            m(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | flags,
+                Some("size=0"),
+            )?;
         }
     }
     for name in PROC_READ_ONLY {
         let p = proc_dir.join(name);
         if p.exists() {
-            m(Some(&p.display().to_string()), &p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            m(
+                Some(&p.display().to_string()),
+                &p,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?;
             set_attrs(&p, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)?;
         }
     }
@@ -103,17 +147,30 @@ fn mount_sys(root: &Path) -> Result<(), SandboxError> {
     }
     let firmware = sys.join("firmware");
     if firmware.is_dir() {
-        m(Some("tmpfs"), &firmware, Some("tmpfs"), flags, Some("size=0"))?;
+        m(
+            Some("tmpfs"),
+            &firmware,
+            Some("tmpfs"),
+            flags,
+            Some("size=0"),
+        )?;
     }
     Ok(())
 }
 
 fn mount_dev(root: &Path) -> Result<(), SandboxError> {
     let dev = prepare(root, "/dev", Kind::Dir)?;
-    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=64k"))?;
+    m(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=64k"),
+    )?;
     for node in DEV_NODES {
         let target = dev.join(node);
-        fs::write(&target, b"").map_err(|e| SandboxError::io(format!("create {}", target.display()), e))?;
+        fs::write(&target, b"")
+            .map_err(|e| SandboxError::io(format!("create {}", target.display()), e))?;
         let source = format!("/dev/{node}");
         m(Some(&source), &target, None, MsFlags::MS_BIND, None)?;
         set_attrs(&target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)?;
@@ -143,15 +200,26 @@ fn mount_dev(root: &Path) -> Result<(), SandboxError> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        symlink(to, dev.join(link)).map_err(|e| SandboxError::io(format!("symlink /dev/{link}"), e))?;
+        symlink(to, dev.join(link))
+            .map_err(|e| SandboxError::io(format!("symlink /dev/{link}"), e))?;
     }
     Ok(())
 }
 
 fn bind(root: &Path, b: &BindMount, extra: MsFlags) -> Result<(), SandboxError> {
-    let kind = if b.source.is_dir() { Kind::Dir } else { Kind::File };
+    let kind = if b.source.is_dir() {
+        Kind::Dir
+    } else {
+        Kind::File
+    };
     let target = prepare(root, &b.target.display().to_string(), kind)?;
-    m(Some(&b.source.display().to_string()), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    m(
+        Some(&b.source.display().to_string()),
+        &target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     let mut attrs = 0;
     if extra.contains(MsFlags::MS_NOSUID) {
         attrs |= MOUNT_ATTR_NOSUID;
@@ -190,7 +258,9 @@ fn prepare(root: &Path, inside: &str, kind: Kind) -> Result<PathBuf, SandboxErro
     let mut path = root.to_path_buf();
     let comps: Vec<Component> = Path::new(inside).components().collect();
     for (i, comp) in comps.iter().enumerate() {
-        let Component::Normal(name) = comp else { continue };
+        let Component::Normal(name) = comp else {
+            continue;
+        };
         path.push(name);
         let last = i + 1 == comps.len();
         match fs::symlink_metadata(&path) {
@@ -198,9 +268,8 @@ fn prepare(root: &Path, inside: &str, kind: Kind) -> Result<PathBuf, SandboxErro
                 return Err(SandboxError::SymlinkInRoot(inside.to_string()))
             }
             Ok(_) => {}
-            Err(_) if last && matches!(kind, Kind::File) => {
-                fs::write(&path, b"").map_err(|e| SandboxError::io(format!("create {inside}"), e))?
-            }
+            Err(_) if last && matches!(kind, Kind::File) => fs::write(&path, b"")
+                .map_err(|e| SandboxError::io(format!("create {inside}"), e))?,
             Err(_) => mkdir(&path, 0o755)?,
         }
     }
@@ -238,7 +307,12 @@ fn set_attrs(path: &Path, attrs: u64) -> Result<(), SandboxError> {
     }
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| SandboxError::Start(format!("path with a NUL byte: {}", path.display())))?;
-    let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
     // SAFETY: `c` and `attr` are valid for the call; the kernel copies them.
     let rc = unsafe {
         libc::syscall(
@@ -251,7 +325,10 @@ fn set_attrs(path: &Path, attrs: u64) -> Result<(), SandboxError> {
         )
     };
     if rc != 0 {
-        return Err(SandboxError::sys(format!("mount_setattr {}", path.display()), nix::Error::last()));
+        return Err(SandboxError::sys(
+            format!("mount_setattr {}", path.display()),
+            nix::Error::last(),
+        ));
     }
     Ok(())
 }

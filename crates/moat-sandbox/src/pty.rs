@@ -29,7 +29,12 @@ pub fn set_size(fd: i32, rows: u16, cols: u16) {
     if rows == 0 || cols == 0 {
         return;
     }
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is valid.
     unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
 }

@@ -92,30 +92,115 @@ macro_rules! syscall_table {
 
 #[cfg(target_arch = "x86_64")]
 syscall_table!(
-    SYS_acct, SYS_add_key, SYS_keyctl, SYS_request_key, SYS_bpf, SYS_perf_event_open,
-    SYS_userfaultfd, SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register,
-    SYS_init_module, SYS_finit_module, SYS_delete_module,
-    SYS_kexec_load, SYS_kexec_file_load, SYS_reboot, SYS_clock_adjtime,
-    SYS_clock_settime, SYS_settimeofday, SYS_adjtimex, SYS_ioperm, SYS_iopl, SYS_lookup_dcookie,
-    SYS_mount, SYS_umount2, SYS_pivot_root, SYS_mount_setattr, SYS_move_mount, SYS_open_tree,
-    SYS_fsopen, SYS_fsconfig, SYS_fsmount, SYS_fspick, SYS_name_to_handle_at,
-    SYS_open_by_handle_at, SYS_nfsservctl, SYS_quotactl, SYS_swapon, SYS_swapoff, SYS_sysfs,
-    SYS__sysctl, SYS_uselib, SYS_ustat, SYS_vhangup, SYS_syslog, SYS_setns, SYS_unshare,
-    SYS_clone, SYS_clone3, SYS_chmod, SYS_fchmod, SYS_fchmodat, SYS_open, SYS_openat, SYS_creat,
-    SYS_socket, SYS_ioctl,
+    SYS_acct,
+    SYS_add_key,
+    SYS_keyctl,
+    SYS_request_key,
+    SYS_bpf,
+    SYS_perf_event_open,
+    SYS_userfaultfd,
+    SYS_io_uring_setup,
+    SYS_io_uring_enter,
+    SYS_io_uring_register,
+    SYS_init_module,
+    SYS_finit_module,
+    SYS_delete_module,
+    SYS_kexec_load,
+    SYS_kexec_file_load,
+    SYS_reboot,
+    SYS_clock_adjtime,
+    SYS_clock_settime,
+    SYS_settimeofday,
+    SYS_adjtimex,
+    SYS_ioperm,
+    SYS_iopl,
+    SYS_lookup_dcookie,
+    SYS_mount,
+    SYS_umount2,
+    SYS_pivot_root,
+    SYS_mount_setattr,
+    SYS_move_mount,
+    SYS_open_tree,
+    SYS_fsopen,
+    SYS_fsconfig,
+    SYS_fsmount,
+    SYS_fspick,
+    SYS_name_to_handle_at,
+    SYS_open_by_handle_at,
+    SYS_nfsservctl,
+    SYS_quotactl,
+    SYS_swapon,
+    SYS_swapoff,
+    SYS_sysfs,
+    SYS__sysctl,
+    SYS_uselib,
+    SYS_ustat,
+    SYS_vhangup,
+    SYS_syslog,
+    SYS_setns,
+    SYS_unshare,
+    SYS_clone,
+    SYS_clone3,
+    SYS_chmod,
+    SYS_fchmod,
+    SYS_fchmodat,
+    SYS_open,
+    SYS_openat,
+    SYS_creat,
+    SYS_socket,
+    SYS_ioctl,
 );
 
 #[cfg(target_arch = "aarch64")]
 syscall_table!(
-    SYS_acct, SYS_add_key, SYS_keyctl, SYS_request_key, SYS_bpf, SYS_perf_event_open,
-    SYS_userfaultfd, SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register,
-    SYS_init_module, SYS_finit_module, SYS_delete_module, SYS_kexec_load, SYS_kexec_file_load,
-    SYS_reboot, SYS_clock_adjtime, SYS_clock_settime, SYS_settimeofday, SYS_adjtimex,
-    SYS_lookup_dcookie, SYS_mount, SYS_umount2, SYS_pivot_root, SYS_mount_setattr,
-    SYS_move_mount, SYS_open_tree, SYS_fsopen, SYS_fsconfig, SYS_fsmount, SYS_fspick,
-    SYS_name_to_handle_at, SYS_open_by_handle_at, SYS_nfsservctl, SYS_quotactl, SYS_swapon,
-    SYS_swapoff, SYS_vhangup, SYS_syslog, SYS_setns, SYS_unshare, SYS_clone, SYS_clone3,
-    SYS_fchmod, SYS_fchmodat, SYS_openat, SYS_socket, SYS_ioctl,
+    SYS_acct,
+    SYS_add_key,
+    SYS_keyctl,
+    SYS_request_key,
+    SYS_bpf,
+    SYS_perf_event_open,
+    SYS_userfaultfd,
+    SYS_io_uring_setup,
+    SYS_io_uring_enter,
+    SYS_io_uring_register,
+    SYS_init_module,
+    SYS_finit_module,
+    SYS_delete_module,
+    SYS_kexec_load,
+    SYS_kexec_file_load,
+    SYS_reboot,
+    SYS_clock_adjtime,
+    SYS_clock_settime,
+    SYS_settimeofday,
+    SYS_adjtimex,
+    SYS_lookup_dcookie,
+    SYS_mount,
+    SYS_umount2,
+    SYS_pivot_root,
+    SYS_mount_setattr,
+    SYS_move_mount,
+    SYS_open_tree,
+    SYS_fsopen,
+    SYS_fsconfig,
+    SYS_fsmount,
+    SYS_fspick,
+    SYS_name_to_handle_at,
+    SYS_open_by_handle_at,
+    SYS_nfsservctl,
+    SYS_quotactl,
+    SYS_swapon,
+    SYS_swapoff,
+    SYS_vhangup,
+    SYS_syslog,
+    SYS_setns,
+    SYS_unshare,
+    SYS_clone,
+    SYS_clone3,
+    SYS_fchmod,
+    SYS_fchmodat,
+    SYS_openat,
+    SYS_socket,
+    SYS_ioctl,
 );
 
 fn target_arch() -> Result<TargetArch, SeccompError> {
@@ -131,7 +216,9 @@ fn compile_filter(spec: &FilterSpec, arch: TargetArch) -> Result<BpfProgram, Sec
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for rule in &spec.filter {
         // A syscall this architecture lacks (the legacy x86 ones on aarch64) cannot be called there.
-        let Some(nr) = syscall_number(&format!("SYS_{}", rule.syscall)) else { continue };
+        let Some(nr) = syscall_number(&format!("SYS_{}", rule.syscall)) else {
+            continue;
+        };
         let conditions = rule
             .args
             .iter()
@@ -153,16 +240,25 @@ fn compile_filter(spec: &FilterSpec, arch: TargetArch) -> Result<BpfProgram, Sec
         }
     }
     let Action::Errno(errno) = spec.match_action;
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno), arch)
-        .map_err(err)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno),
+        arch,
+    )
+    .map_err(err)?;
     BpfProgram::try_from(filter).map_err(err)
 }
 
 /// The policy's filters compiled for this machine, in the order to install them.
 pub fn compile() -> Result<Vec<BpfProgram>, SeccompError> {
     let arch = target_arch()?;
-    let policy: Policy = serde_json::from_str(POLICY).map_err(|e| SeccompError::Compile(e.to_string()))?;
-    Ok(vec![compile_filter(&policy.deny, arch)?, compile_filter(&policy.enosys, arch)?])
+    let policy: Policy =
+        serde_json::from_str(POLICY).map_err(|e| SeccompError::Compile(e.to_string()))?;
+    Ok(vec![
+        compile_filter(&policy.deny, arch)?,
+        compile_filter(&policy.enosys, arch)?,
+    ])
 }
 
 /// Every syscall the policy names that this architecture has, for tests.

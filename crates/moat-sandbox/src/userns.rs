@@ -22,13 +22,21 @@ const MAPPED: &str = "mapped";
 /// Child side: make a user namespace and, once the parent has mapped it,
 /// become its root. Uses stdin and stdout for the handshake.
 pub fn become_root_in_new_userns() -> Result<(), SandboxError> {
-    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| SandboxError::sys("unshare(CLONE_NEWUSER)", e))?;
+    unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| SandboxError::sys("unshare(CLONE_NEWUSER)", e))?;
     let mut out = io::stdout().lock();
-    writeln!(out, "{UNSHARED}").and_then(|_| out.flush()).map_err(SandboxError::Handshake)?;
+    writeln!(out, "{UNSHARED}")
+        .and_then(|_| out.flush())
+        .map_err(SandboxError::Handshake)?;
     let mut line = String::new();
-    io::stdin().lock().read_line(&mut line).map_err(SandboxError::Handshake)?;
+    io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(SandboxError::Handshake)?;
     if line.trim() != MAPPED {
-        return Err(SandboxError::Handshake(io::Error::other("the parent did not map our ids")));
+        return Err(SandboxError::Handshake(io::Error::other(
+            "the parent did not map our ids",
+        )));
     }
     setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
         .map_err(|e| SandboxError::sys("setresgid(0)", e))?;
@@ -49,7 +57,9 @@ pub fn map_child(
     let stdout = child.stdout.take().ok_or_else(|| no_pipe("stdout"))?;
     let mut reader = BufReader::new(stdout);
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(SandboxError::Handshake)?;
+    reader
+        .read_line(&mut line)
+        .map_err(SandboxError::Handshake)?;
     if line.trim() != UNSHARED {
         let mut rest = String::new();
         let _ = reader.get_mut().read_to_string(&mut rest);

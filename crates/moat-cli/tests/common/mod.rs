@@ -27,7 +27,9 @@ pub fn use_isolated_roots(name: &str) {
 pub fn roots() -> (PathBuf, PathBuf) {
     let meta = std::fs::metadata(BIN).expect("the moat binary");
     let which = ISOLATED.get().map(String::as_str).unwrap_or("shared");
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e").join(which);
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("e2e")
+        .join(which);
     // A new binary gets a new runtime root, hence a new daemon.
     let stamp = format!("{:x}-{:x}", meta.mtime(), meta.size());
     let runtime = PathBuf::from(format!("/tmp/moat-e2e-{which}-{stamp}"));
@@ -38,18 +40,29 @@ pub fn roots() -> (PathBuf, PathBuf) {
 pub fn moat_cmd() -> Command {
     let (state, runtime) = roots();
     let mut cmd = Command::new(BIN);
-    cmd.env("MOAT_HOME", state).env("MOAT_RUNTIME_DIR", runtime).env_remove("MOAT_CONFIG");
+    cmd.env("MOAT_HOME", state)
+        .env("MOAT_RUNTIME_DIR", runtime)
+        .env_remove("MOAT_CONFIG");
     cmd
 }
 
 pub fn moat(args: &[&str]) -> Output {
-    moat_cmd().args(args).stdin(Stdio::null()).output().expect("run moat")
+    moat_cmd()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moat")
 }
 
 /// Run and insist on success; returns stdout.
 pub fn moat_ok(args: &[&str]) -> String {
     let out = moat(args);
-    assert!(out.status.success(), "moat {args:?} failed: {}\n{}", text(&out.stderr), text(&out.stdout));
+    assert!(
+        out.status.success(),
+        "moat {args:?} failed: {}\n{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
     text(&out.stdout)
 }
 
@@ -73,7 +86,11 @@ pub fn ensure_template() {
 /// A unique name for this test process.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A running sandbox, removed when dropped.
@@ -90,7 +107,10 @@ impl Sandbox {
     /// Create with extra `create` flags (limits, extra workspaces).
     pub fn with_args(prefix: &str, extra: &[&str]) -> Sandbox {
         ensure_template();
-        let workspace = tempfile::Builder::new().prefix("moat-ws-").tempdir_in("/tmp").unwrap();
+        let workspace = tempfile::Builder::new()
+            .prefix("moat-ws-")
+            .tempdir_in("/tmp")
+            .unwrap();
         let name = unique(prefix);
         let ws = workspace.path().to_str().unwrap().to_string();
         let mut args = vec!["sandbox", "create", "--name", &name];
@@ -111,7 +131,9 @@ impl Sandbox {
 
     /// `sh -c SCRIPT` inside as the sandbox's root.
     pub fn root_sh(&self, script: &str) -> Output {
-        moat(&["sandbox", "exec", "-u", "root", &self.name, "sh", "-c", script])
+        moat(&[
+            "sandbox", "exec", "-u", "root", &self.name, "sh", "-c", script,
+        ])
     }
 
     pub fn inspect(&self) -> serde_json::Value {
@@ -121,7 +143,9 @@ impl Sandbox {
     }
 
     pub fn init_pid(&self) -> i32 {
-        self.inspect()["pid"].as_i64().expect("a running sandbox has a pid") as i32
+        self.inspect()["pid"]
+            .as_i64()
+            .expect("a running sandbox has a pid") as i32
     }
 }
 
@@ -133,15 +157,23 @@ impl Drop for Sandbox {
 
 /// Every pid on the host whose PID namespace is that of `init_pid`.
 pub fn pids_in_sandbox(init_pid: i32) -> Vec<i32> {
-    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else { return vec![] };
+    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else {
+        return vec![];
+    };
     let mut out = vec![];
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if pid == init_pid {
             out.push(pid);
             continue;
         }
-        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() == Some(&ns) {
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .as_ref()
+            == Some(&ns)
+        {
             out.push(pid);
         }
     }
