@@ -200,6 +200,8 @@ pub fn main() -> Result<i32> {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon => {
+            // Whatever the daemon inherited stays out of everything it starts.
+            moat_sandbox::cloexec_from(3);
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")

@@ -62,6 +62,7 @@ fn start_daemon(paths: &Paths) -> Result<()> {
     // that a terminal hangup does not end it.
     unsafe {
         cmd.pre_exec(|| {
+            moat_sandbox::cloexec_from(3);
             nix::unistd::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)

@@ -26,7 +26,7 @@ pub enum DaemonError {
     State(String),
     #[error("{what}: {err}")]
     Io { what: String, err: std::io::Error },
-    #[error("another moat daemon is already running (pid {pid}) on {socket}; use it, stop it, or set MOAT_RUNTIME_DIR for a second one")]
+    #[error("another moat daemon is already running (pid {pid}) on {socket}; use it, stop it, or set MOAT_RUNTIME_DIR and MOAT_HOME for a second one")]
     AlreadyRunning { pid: String, socket: String },
     #[error("no sandbox named {0:?}; see `moat sandbox ls`")]
     NoSuchSandbox(String),

@@ -7,6 +7,7 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::Arc;
 
 use moat_api::{recv_frame, send_frame, Reply, Request, VersionInfo, PROTOCOL_VERSION};
@@ -26,7 +27,11 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
     }
     fs::set_permissions(&paths.runtime, fs::Permissions::from_mode(0o700))
         .map_err(|e| DaemonError::io(format!("chmod {}", paths.runtime.display()), e))?;
-    let _lock = take_lock(&paths)?;
+    let _lock = take_lock(&paths.lock(), || paths.socket().display().to_string())?;
+    // Two daemons on one state root would each take the other's sandboxes for dead.
+    let _state_lock = take_lock(&paths.state.join("daemon.lock"), || {
+        paths.state.display().to_string()
+    })?;
     let socket = paths.socket();
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
@@ -51,22 +56,22 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// One daemon per runtime root: an exclusive lock on `moat.lock`, holding our pid.
-fn take_lock(paths: &Paths) -> Result<fs::File, DaemonError> {
-    let path = paths.lock();
+/// One daemon per runtime root and per state root: an exclusive lock on a
+/// file that holds the owner's pid; `place` names what is taken, for the error.
+fn take_lock(path: &Path, place: impl Fn() -> String) -> Result<fs::File, DaemonError> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .map_err(|e| DaemonError::io(format!("open {}", path.display()), e))?;
     if file.try_lock().is_err() {
         let mut pid = String::new();
         let _ = file.read_to_string(&mut pid);
         return Err(DaemonError::AlreadyRunning {
             pid: pid.trim().to_string(),
-            socket: paths.socket().display().to_string(),
+            socket: place(),
         });
     }
     let _ = file.set_len(0);

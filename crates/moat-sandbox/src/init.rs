@@ -629,6 +629,7 @@ fn child_exec(
     if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
         return "chdir";
     }
+    crate::cloexec_from(3);
     let _ = nix::unistd::execve(program, argv, env);
     "exec"
 }

@@ -64,6 +64,7 @@ pub fn start(l: &Launch) -> Result<i32, SandboxError> {
             } else if libc::dup2(listen_fd, CONTROL_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            crate::cloexec_from(CONTROL_FD as u32 + 1);
             Ok(())
         });
     }

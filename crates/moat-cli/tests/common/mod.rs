@@ -8,7 +8,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,21 +22,52 @@ pub fn use_isolated_roots(name: &str) {
     ISOLATED.set(name.to_string()).expect("set once");
 }
 
-/// The state and runtime roots of this build's test daemon.
+/// The state and runtime roots of the test daemon.
 pub fn roots() -> (PathBuf, PathBuf) {
-    let meta = std::fs::metadata(BIN).expect("the moat binary");
     let which = ISOLATED.get().map(String::as_str).unwrap_or("shared");
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("e2e")
         .join(which);
-    // A new binary gets a new runtime root, hence a new daemon.
-    let stamp = format!("{:x}-{:x}", meta.mtime(), meta.size());
-    let runtime = PathBuf::from(format!("/tmp/moat-e2e-{which}-{stamp}"));
-    (base.join("state"), runtime)
+    (base.join("state"), base.join("run"))
+}
+
+/// A daemon left by an earlier build of the binary is replaced: the next
+/// command starts one of this build, which adopts the running sandboxes.
+fn retire_stale_daemon() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let (_, runtime) = roots();
+        let Ok(pid) = std::fs::read_to_string(runtime.join("moat.lock")) else {
+            return;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            return;
+        };
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let ours = std::fs::canonicalize(BIN).unwrap();
+        let same_start = std::fs::metadata(format!("/proc/{pid}"))
+            .ok()
+            .and_then(|m| m.modified().ok())
+            >= std::fs::metadata(BIN).ok().and_then(|m| m.modified().ok());
+        if exe.as_os_str().is_empty() || (exe == ours && same_start) {
+            return;
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for _ in 0..100 {
+            if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
 }
 
 /// A command for the `moat` binary with the tests' roots.
 pub fn moat_cmd() -> Command {
+    retire_stale_daemon();
     let (state, runtime) = roots();
     let mut cmd = Command::new(BIN);
     cmd.env("MOAT_HOME", state)
