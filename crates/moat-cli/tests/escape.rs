@@ -239,27 +239,6 @@ fn is_x86_64() -> bool {
     false
 }
 
-/// A sandbox with extra workspaces after the first (`create ... shell WS EXTRA...`).
-fn sandbox_with_extra(prefix: &str, extra: &[&str]) -> Sandbox {
-    ensure_template();
-    let workspace = tempfile::Builder::new()
-        .prefix("moat-ws-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let name = unique(prefix);
-    let mut args = vec![
-        "sandbox",
-        "create",
-        "--name",
-        &name,
-        "shell",
-        s(workspace.path()),
-    ];
-    args.extend_from_slice(extra);
-    moat_ok(&args);
-    Sandbox { name, workspace }
-}
-
 /// Every route from inside to a host path that the battery tries, in Python:
 /// the path itself, `..` out of the workspace, `/proc/*/root` and
 /// `/proc/*/cwd` of every process it can see, and a symlink it makes in the
@@ -531,7 +510,7 @@ fn a_read_only_workspace_stays_read_only() {
     std::fs::create_dir(ro.path().join("d")).unwrap();
     std::fs::write(ro.path().join("d/g"), "G").unwrap();
     let before = snapshot(ro.path());
-    let sb = sandbox_with_extra("esc-ro", &[&format!("{}:ro", s(ro.path()))]);
+    let sb = Sandbox::create("esc-ro", &[], &[&format!("{}:ro", s(ro.path()))]);
 
     let mut v = Verdict::default();
     for who in [Who::Agent, Who::Root, Who::Sudo] {

@@ -134,8 +134,13 @@ impl Sandbox {
         Sandbox::with_args(prefix, &[])
     }
 
-    /// Create with extra `create` flags (limits, extra workspaces).
-    pub fn with_args(prefix: &str, extra: &[&str]) -> Sandbox {
+    /// Create with extra `create` flags (limits).
+    pub fn with_args(prefix: &str, flags: &[&str]) -> Sandbox {
+        Sandbox::create(prefix, flags, &[])
+    }
+
+    /// Create with `flags`, a fresh workspace, then `extra` workspaces.
+    pub fn create(prefix: &str, flags: &[&str], extra: &[&str]) -> Sandbox {
         ensure_template();
         let workspace = tempfile::Builder::new()
             .prefix("moat-ws-")
@@ -144,8 +149,9 @@ impl Sandbox {
         let name = unique(prefix);
         let ws = workspace.path().to_str().unwrap().to_string();
         let mut args = vec!["sandbox", "create", "--name", &name];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(flags);
         args.extend_from_slice(&["shell", &ws]);
+        args.extend_from_slice(extra);
         moat_ok(&args);
         Sandbox { name, workspace }
     }
