@@ -7,7 +7,11 @@
 //! sandboxes are made: it is handed listening sockets and a policy.
 
 pub mod host;
+pub mod log;
 pub mod policy;
+mod proxy;
 pub mod ranges;
 
+pub use log::{LogEntry, LogSink};
 pub use policy::{Action, Policy, Rule, Verdict};
+pub use proxy::Gateway;
