@@ -36,6 +36,13 @@ pub enum Request {
         publish: Vec<PortMapping>,
         unpublish: Vec<u16>,
     },
+    /// Change a sandbox's network policy (all fields optional; rules add up).
+    NetworkProxy(NetworkProxyRequest),
+    /// The newest `limit` network log rows, of one sandbox or all.
+    NetworkLog {
+        name: Option<String>,
+        limit: u32,
+    },
     ImageList,
     ImageRm {
         reference: String,
@@ -111,6 +118,22 @@ pub struct ExecRequest {
     pub cols: u16,
     /// Start and return at once, without waiting for the exit code.
     pub detach: bool,
+}
+
+/// `moat sandbox network proxy NAME …`, as Docker's flags.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetworkProxyRequest {
+    pub name: String,
+    /// `allow` or `deny`: the default for what no rule names.
+    pub policy: Option<String>,
+    /// `deny-all`, `balanced` or `allow-all`: start over from it.
+    pub preset: Option<String>,
+    pub allow_hosts: Vec<String>,
+    pub block_hosts: Vec<String>,
+    pub allow_cidrs: Vec<String>,
+    pub block_cidrs: Vec<String>,
+    pub bypass_hosts: Vec<String>,
+    pub bypass_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

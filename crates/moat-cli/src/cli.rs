@@ -9,7 +9,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use moat_api::{
-    CreateSandbox, ExecRequest, LimitsRequest, PortMapping, Request, SandboxInfo, VersionInfo,
+    CreateSandbox, ExecRequest, LimitsRequest, NetworkProxyRequest, PortMapping, Request,
+    SandboxInfo, VersionInfo,
 };
 use moat_images::ImageInfo;
 
@@ -165,8 +166,54 @@ enum SandboxCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Network policy and log of sandboxes
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Show the versions of the client and the daemon
     Version,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Change a sandbox's network policy; it applies at once and persists
+    Proxy {
+        name: String,
+        /// Default for what no rule names: allow or deny
+        #[arg(long)]
+        policy: Option<String>,
+        /// Start over from a preset: deny-all, balanced or allow-all
+        #[arg(long)]
+        preset: Option<String>,
+        /// Allow a host: example.com, *.example.com, either with :PORT
+        #[arg(long = "allow-host")]
+        allow_host: Vec<String>,
+        #[arg(long = "block-host")]
+        block_host: Vec<String>,
+        #[arg(long = "allow-cidr")]
+        allow_cidr: Vec<String>,
+        #[arg(long = "block-cidr")]
+        block_cidr: Vec<String>,
+        /// Allow a host and tunnel it without TLS interception
+        #[arg(long = "bypass-host")]
+        bypass_host: Vec<String>,
+        #[arg(long = "bypass-cidr")]
+        bypass_cidr: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What sandboxes reached, or tried to: aggregated, or every request with --json
+    Log {
+        /// One sandbox (default: all)
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// How many of the newest requests to read
+        #[arg(long, default_value_t = 10_000)]
+        limit: u32,
+        /// Only HOST:PORT, one a line
+        #[arg(short, long)]
+        quiet: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +245,12 @@ enum TemplateCmd {
 
 pub fn main() -> Result<i32> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon) {
+        // A command piped into `head` ends quietly, as other tools do; the
+        // daemon keeps ignoring SIGPIPE so that a vanished client cannot kill it.
+        // SAFETY: setting a signal's disposition to its default.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Daemon => {
             // Whatever the daemon inherited stays out of everything it starts.
@@ -496,8 +549,101 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
             }
             Ok(0)
         }
+        SandboxCmd::Network(cmd) => network(cmd),
         SandboxCmd::Version => version(),
     }
+}
+
+fn network(cmd: NetworkCmd) -> Result<i32> {
+    match cmd {
+        NetworkCmd::Proxy {
+            name,
+            policy,
+            preset,
+            allow_host,
+            block_host,
+            allow_cidr,
+            block_cidr,
+            bypass_host,
+            bypass_cidr,
+            json,
+        } => {
+            let req = NetworkProxyRequest {
+                name: name.clone(),
+                policy,
+                preset,
+                allow_hosts: allow_host,
+                block_hosts: block_host,
+                allow_cidrs: allow_cidr,
+                block_cidrs: block_cidr,
+                bypass_hosts: bypass_host,
+                bypass_cidrs: bypass_cidr,
+            };
+            let policy: moat_gateway::Policy = call(&Request::NetworkProxy(req))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&policy)?);
+            } else {
+                let default = match policy.default {
+                    moat_gateway::policy::Default::Allow => "allow",
+                    moat_gateway::policy::Default::Deny => "deny",
+                };
+                println!("{name}: default {default}, {} rules", policy.rules.len());
+                for rule in &policy.rules {
+                    println!("  {rule}");
+                }
+            }
+            Ok(0)
+        }
+        NetworkCmd::Log {
+            name,
+            json,
+            limit,
+            quiet,
+        } => {
+            let rows: Vec<moat_gateway::LogEntry> = call(&Request::NetworkLog { name, limit })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if quiet {
+                rows.iter().for_each(|r| println!("{}:{}", r.host, r.port));
+            } else {
+                for (title, decision) in [
+                    ("Blocked requests", "blocked"),
+                    ("Allowed requests", "allowed"),
+                ] {
+                    println!("{title}");
+                    table(
+                        &["SANDBOX", "HOST", "RULE", "LAST SEEN", "COUNT"],
+                        &aggregate(&rows, decision),
+                    );
+                    println!();
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Log rows of one decision, one line per sandbox, host:port and rule, newest first.
+fn aggregate(rows: &[moat_gateway::LogEntry], decision: &str) -> Vec<Vec<String>> {
+    let mut groups: Vec<(String, String, String, String, usize)> = Vec::new();
+    for r in rows.iter().filter(|r| r.decision == decision) {
+        let host = format!("{}:{}", r.host, r.port);
+        match groups
+            .iter_mut()
+            .find(|g| g.0 == r.sandbox && g.1 == host && g.2 == r.rule)
+        {
+            Some(g) => {
+                g.3 = g.3.clone().max(r.time.clone());
+                g.4 += 1;
+            }
+            None => groups.push((r.sandbox.clone(), host, r.rule.clone(), r.time.clone(), 1)),
+        }
+    }
+    groups.sort_by(|a, b| b.3.cmp(&a.3));
+    groups
+        .into_iter()
+        .map(|(s, h, rule, t, n)| vec![s, h, rule, t, n.to_string()])
+        .collect()
 }
 
 /// Run `f` on each name, printing what it returns; the exit code is 1 if any failed.

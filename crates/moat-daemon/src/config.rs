@@ -16,7 +16,23 @@ use crate::DaemonError;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub sandbox: SandboxConfig,
+    pub gateway: GatewayConfig,
     pub models: ModelsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The preset new sandboxes start with: `balanced`, `deny-all` or `allow-all`.
+    pub default_policy: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            default_policy: "balanced".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -124,6 +140,11 @@ impl Config {
         if let Some(v) = get("MOAT_SANDBOX_STOP_TIMEOUT") {
             self.sandbox.stop_timeout = parse("MOAT_SANDBOX_STOP_TIMEOUT", v)?;
         }
+        if let Some(v) = get("MOAT_GATEWAY_DEFAULT_POLICY") {
+            self.gateway.default_policy = v;
+        }
+        moat_gateway::Policy::preset(&self.gateway.default_policy)
+            .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
         if let Some(v) = get("MOAT_MODEL_PORT") {
             self.models.port = parse("MOAT_MODEL_PORT", v)?;
         }

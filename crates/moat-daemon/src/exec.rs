@@ -44,9 +44,14 @@ impl Daemon {
             .workdir
             .clone()
             .or_else(|| info.workspaces.first().map(|w| w.path.clone()));
+        // The sandbox's own settings first, so that the caller's -e can override them.
+        let env = crate::network::sandbox_env()
+            .into_iter()
+            .chain(req.env.iter().cloned())
+            .collect();
         let exec = InitExec {
             argv,
-            env: req.env.clone(),
+            env,
             user: req.user.clone(),
             cwd,
             tty: req.tty,

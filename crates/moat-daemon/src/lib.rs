@@ -7,6 +7,7 @@
 pub mod config;
 mod exec;
 mod helpers;
+mod network;
 pub mod paths;
 mod ports;
 mod sandboxes;

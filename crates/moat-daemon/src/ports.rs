@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_api::PortMapping;
-use moat_sandbox::control;
+use moat_sandbox::control::{self, NetnsId};
 use nix::sys::socket::{connect, SockaddrIn};
 
 use crate::DaemonError;
@@ -31,7 +31,7 @@ impl Forwarder {
     pub fn start(
         mapping: PortMapping,
         control_path: PathBuf,
-        init_pid: i32,
+        netns: NetnsId,
     ) -> Result<Forwarder, DaemonError> {
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, mapping.host_port);
         let listener = TcpListener::bind(addr).map_err(|e| {
@@ -45,7 +45,7 @@ impl Forwarder {
             .map_err(|e| DaemonError::io("listener", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        std::thread::spawn(move || accept_loop(listener, flag, mapping, control_path, init_pid));
+        std::thread::spawn(move || accept_loop(listener, flag, mapping, control_path, netns));
         Ok(Forwarder { mapping, stop })
     }
 }
@@ -55,7 +55,7 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
     mapping: PortMapping,
     control_path: PathBuf,
-    pid: i32,
+    netns: NetnsId,
 ) {
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [nix::poll::PollFd::new(
@@ -67,7 +67,7 @@ fn accept_loop(
             Ok((client, _)) => {
                 let control_path = control_path.clone();
                 std::thread::spawn(move || {
-                    if let Err(e) = carry(client, &control_path, pid, mapping.sandbox_port) {
+                    if let Err(e) = carry(client, &control_path, netns, mapping.sandbox_port) {
                         tracing::debug!("published port {}: {e}", mapping.host_port);
                     }
                 });
@@ -78,9 +78,15 @@ fn accept_loop(
     }
 }
 
-fn carry(client: TcpStream, control_path: &std::path::Path, pid: i32, port: u16) -> io::Result<()> {
+fn carry(
+    client: TcpStream,
+    control_path: &std::path::Path,
+    netns: NetnsId,
+    port: u16,
+) -> io::Result<()> {
     client.set_nonblocking(false)?;
-    let door: OwnedFd = control::door_socket(control_path, pid, false).map_err(io::Error::other)?;
+    let door: OwnedFd =
+        control::door_socket(control_path, netns, false).map_err(io::Error::other)?;
     let target = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
     connect(std::os::fd::AsRawFd::as_raw_fd(&door), &target).map_err(io::Error::from)?;
     let inside = TcpStream::from(door);

@@ -16,6 +16,7 @@ use std::time::Duration;
 use moat_api::{CreateSandbox, Limits, PortMapping, SandboxInfo, SandboxStatus, Workspace};
 use moat_images::{template, ImageInfo, ImageStore, Reference};
 use moat_sandbox::cgroup::{Cgroup, Hierarchy};
+use moat_sandbox::control::NetnsId;
 use moat_sandbox::spec::{BindMount, SandboxSpec};
 use moat_sandbox::{control, launch, IdMap};
 
@@ -36,6 +37,8 @@ pub fn template_reference(name: &str) -> String {
 /// A running sandbox's daemon-side parts.
 struct Live {
     pid: i32,
+    /// Its network namespace: every door socket must come from it.
+    netns: NetnsId,
     forwarders: Vec<Forwarder>,
 }
 
@@ -50,6 +53,7 @@ pub struct Daemon {
     /// Serialises template builds and image changes.
     image_lock: Mutex<()>,
     live: Arc<Mutex<HashMap<String, Live>>>,
+    gateway: Arc<moat_gateway::Gateway>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +86,14 @@ impl Daemon {
         }
         let state = State::open(&paths.database())?;
         let images = ImageStore::open(&paths.images())?;
+        let log = Mutex::new(crate::network::start_log_writer(paths.database()));
+        let sink: moat_gateway::LogSink = Arc::new(move |entry| {
+            let _ = lock(&log).send(entry);
+        });
+        let gateway = Arc::new(
+            moat_gateway::Gateway::new(sink)
+                .map_err(|e| DaemonError::io("start the gateway", e))?,
+        );
         Ok(Daemon {
             hierarchy: moat_sandbox::cgroup::detect(rootless),
             paths,
@@ -92,7 +104,20 @@ impl Daemon {
             images,
             image_lock: Mutex::new(()),
             live: Arc::new(Mutex::new(HashMap::new())),
+            gateway,
         })
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn gateway(&self) -> &moat_gateway::Gateway {
+        &self.gateway
     }
 
     pub fn rootless(&self) -> bool {
@@ -133,18 +158,25 @@ impl Daemon {
                         process_start_time(pid) == Some(start)
                             && control::ping(&self.control_path(&id)).is_ok()
                     });
-                    match (alive, row.info.pid) {
-                        (true, Some(pid)) => {
+                    let netns = lock(&self.state)
+                        .netns(&id)?
+                        .and_then(|n| n.parse::<NetnsId>().ok());
+                    match (alive, row.info.pid, netns) {
+                        (true, Some(pid), Some(netns)) => {
                             tracing::info!(name = %row.info.name, pid, "adopting a running sandbox");
                             lock(&self.live).insert(
                                 id.clone(),
                                 Live {
                                     pid,
+                                    netns,
                                     forwarders: vec![],
                                 },
                             );
                             self.watch(id.clone(), pid);
-                            self.start_forwarders(&row.info, pid);
+                            if let Err(e) = self.open_gateway_door(&id, &row.info.name, netns) {
+                                tracing::warn!(name = %row.info.name, "cannot reopen the gateway door: {e}");
+                            }
+                            self.start_forwarders(&row.info, netns);
                         }
                         _ => {
                             tracing::info!(name = %row.info.name, "a sandbox that was running has stopped");
@@ -261,7 +293,7 @@ impl Daemon {
         self.start(name, r)
     }
 
-    fn control_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn control_path(&self, id: &str) -> PathBuf {
         self.paths.sandbox_runtime(id).join("ctl.sock")
     }
 
@@ -311,8 +343,8 @@ impl Daemon {
             control: &control,
             log: &state_dir.join("init.log"),
         });
-        let pid = match started {
-            Ok(pid) => pid,
+        let launch::Started { pid, netns } = match started {
+            Ok(s) => s,
             Err(e) => {
                 if let Some(cg) = cgroup {
                     cg.destroy();
@@ -324,13 +356,22 @@ impl Daemon {
             id.clone(),
             Live {
                 pid,
+                netns,
                 forwarders: vec![],
             },
         );
+        lock(&self.state).set_netns(&id, &netns.to_string())?;
         lock(&self.state).set_phase(&id, "running", Some(pid), process_start_time(pid))?;
         self.watch(id.clone(), pid);
+        // Without its door the sandbox would run with no way out at all: that is a failed start.
+        if let Err(e) = self.open_gateway_door(&id, name, netns) {
+            kill_init(pid);
+            wait_for_exit_timeout(pid, Duration::from_secs(5));
+            self.cleanup_stopped(&id);
+            return Err(e);
+        }
         let info = self.row(name)?.info;
-        self.start_forwarders(&info, pid);
+        self.start_forwarders(&info, netns);
         Ok(info)
     }
 
@@ -402,9 +443,11 @@ impl Daemon {
         let live = Arc::clone(&self.live);
         let hierarchy = self.hierarchy.clone();
         let db = self.paths.database();
+        let gateway = Arc::clone(&self.gateway);
         std::thread::spawn(move || {
             wait_for_exit(pid);
             if finish(&live, &id, pid) {
+                gateway.detach(&id);
                 if let Some(cg) = Cgroup::existing(&hierarchy, &id) {
                     cg.destroy();
                 }
@@ -419,6 +462,7 @@ impl Daemon {
         if let Some(l) = lock(&self.live).remove(id) {
             drop(l.forwarders);
         }
+        self.gateway.detach(id);
         if let Some(cg) = Cgroup::existing(&self.hierarchy, id) {
             cg.destroy();
         }
@@ -489,32 +533,28 @@ impl Daemon {
             }
             ports.push(*p);
         }
-        if let Some(pid) = row
-            .info
-            .pid
-            .filter(|_| row.info.status == SandboxStatus::Running)
-        {
-            let mut live = lock(&self.live);
-            if let Some(l) = live.get_mut(&row.info.id) {
-                l.forwarders
-                    .retain(|f| !unpublish.contains(&f.mapping.host_port));
-                for p in publish {
-                    l.forwarders
-                        .push(Forwarder::start(*p, self.control_path(&row.info.id), pid)?);
-                }
+        if let Some(l) = lock(&self.live).get_mut(&row.info.id) {
+            l.forwarders
+                .retain(|f| !unpublish.contains(&f.mapping.host_port));
+            for p in publish {
+                l.forwarders.push(Forwarder::start(
+                    *p,
+                    self.control_path(&row.info.id),
+                    l.netns,
+                )?);
             }
         }
         lock(&self.state).set_ports(&row.info.id, &ports)?;
         self.inspect(name)
     }
 
-    fn start_forwarders(&self, info: &SandboxInfo, pid: i32) {
+    fn start_forwarders(&self, info: &SandboxInfo, netns: NetnsId) {
         let mut live = lock(&self.live);
         let Some(l) = live.get_mut(&info.id) else {
             return;
         };
         for p in &info.ports {
-            match Forwarder::start(*p, self.control_path(&info.id), pid) {
+            match Forwarder::start(*p, self.control_path(&info.id), netns) {
                 Ok(f) => l.forwarders.push(f),
                 Err(e) => tracing::warn!(sandbox = %info.name, "cannot publish port: {e}"),
             }

@@ -154,6 +154,10 @@ fn dispatch(
             publish,
             unpublish,
         } => to_value(daemon.ports(&name, &publish, &unpublish)?),
+        Request::NetworkProxy(p) => Ok(Some(daemon.network_proxy(p)?)),
+        Request::NetworkLog { name, limit } => {
+            to_value(daemon.network_log(name.as_deref(), limit)?)
+        }
         Request::ImageList => to_value(daemon.image_list()?),
         Request::ImageRm { reference } => to_value(daemon.image_rm(&reference)?),
         Request::ImageImport { path, reference } => {

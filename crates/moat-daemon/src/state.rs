@@ -25,9 +25,30 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     status     TEXT NOT NULL,
     pid        INTEGER,
     pid_start  INTEGER,
-    created    TEXT NOT NULL
+    created    TEXT NOT NULL,
+    policy     TEXT NOT NULL DEFAULT '',
+    netns      TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS network_log (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    time        TEXT NOT NULL,
+    sandbox     TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    port        INTEGER NOT NULL,
+    path        TEXT,
+    rule        TEXT NOT NULL,
+    decision    TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    bytes_up    INTEGER NOT NULL,
+    bytes_down  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS network_log_sandbox ON network_log (sandbox, seq);
 ";
+
+/// The network log keeps this many rows; older ones go.
+pub const NETWORK_LOG_ROWS: i64 = 100_000;
 
 /// A sandbox as stored: its public description plus what the daemon needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +82,18 @@ impl State {
         )
         .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // Columns that databases of earlier versions lack.
+        for column in ["policy", "netns"] {
+            if conn
+                .prepare(&format!("SELECT {column} FROM sandboxes LIMIT 0"))
+                .is_err()
+            {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE sandboxes ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                ))
+                .map_err(db_err)?;
+            }
+        }
         Ok(State { conn })
     }
 
@@ -119,6 +152,125 @@ impl State {
             )
             .map_err(db_err)?;
         Ok(())
+    }
+
+    /// The sandbox's network policy as stored (JSON), if one was set.
+    pub fn policy(&self, id: &str) -> Result<Option<String>, DaemonError> {
+        let text: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT policy FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        Ok(text.filter(|t| !t.is_empty()))
+    }
+
+    /// The network namespace of the sandbox's running init, as `dev:ino`.
+    pub fn netns(&self, id: &str) -> Result<Option<String>, DaemonError> {
+        let text: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT netns FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        Ok(text.filter(|t| !t.is_empty()))
+    }
+
+    pub fn set_netns(&mut self, id: &str, netns: &str) -> Result<(), DaemonError> {
+        self.conn
+            .execute(
+                "UPDATE sandboxes SET netns = ?2 WHERE id = ?1",
+                params![id, netns],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn set_policy(&mut self, id: &str, policy_json: &str) -> Result<(), DaemonError> {
+        self.conn
+            .execute(
+                "UPDATE sandboxes SET policy = ?2 WHERE id = ?1",
+                params![id, policy_json],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Append log rows in one transaction and keep the log within its bound.
+    pub fn append_log(&mut self, rows: &[moat_gateway::LogEntry]) -> Result<(), DaemonError> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO network_log (time, sandbox, method, host, port, path, rule, decision, status, bytes_up, bytes_down, duration_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )
+                .map_err(db_err)?;
+            for e in rows {
+                stmt.execute(params![
+                    e.time,
+                    e.sandbox,
+                    e.method,
+                    e.host,
+                    e.port,
+                    e.path,
+                    e.rule,
+                    e.decision,
+                    e.status,
+                    e.bytes_up as i64,
+                    e.bytes_down as i64,
+                    e.duration_ms as i64
+                ])
+                .map_err(db_err)?;
+            }
+            tx.execute(
+                "DELETE FROM network_log WHERE seq <= (SELECT MAX(seq) FROM network_log) - ?1",
+                params![NETWORK_LOG_ROWS],
+            )
+            .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The newest `limit` rows (of one sandbox, or all), oldest first.
+    pub fn network_log(
+        &self,
+        sandbox: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<moat_gateway::LogEntry>, DaemonError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT time, sandbox, method, host, port, path, rule, decision, status, bytes_up, bytes_down, duration_ms FROM (
+                   SELECT * FROM network_log WHERE ?1 IS NULL OR sandbox = ?1 ORDER BY seq DESC LIMIT ?2
+                 ) ORDER BY seq",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(params![sandbox, limit], |r| {
+                Ok(moat_gateway::LogEntry {
+                    time: r.get(0)?,
+                    sandbox: r.get(1)?,
+                    method: r.get(2)?,
+                    host: r.get(3)?,
+                    port: r.get(4)?,
+                    path: r.get(5)?,
+                    rule: r.get(6)?,
+                    decision: r.get(7)?,
+                    status: r.get(8)?,
+                    bytes_up: r.get::<_, i64>(9)? as u64,
+                    bytes_down: r.get::<_, i64>(10)? as u64,
+                    duration_ms: r.get::<_, i64>(11)? as u64,
+                })
+            })
+            .map_err(db_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
     }
 
     pub fn delete(&mut self, id: &str) -> Result<(), DaemonError> {
@@ -217,6 +369,36 @@ mod tests {
             phase: "stopped".into(),
             pid_start: None,
         }
+    }
+
+    #[test]
+    fn the_network_log_is_bounded_and_read_newest_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::open(&dir.path().join("db")).unwrap();
+        let entry = |n: u16| moat_gateway::LogEntry {
+            time: "t".into(),
+            sandbox: if n.is_multiple_of(2) {
+                "a".into()
+            } else {
+                "b".into()
+            },
+            method: "GET".into(),
+            host: "h".into(),
+            port: n,
+            path: None,
+            rule: "r".into(),
+            decision: "allowed".into(),
+            status: 200,
+            bytes_up: 1,
+            bytes_down: 2,
+            duration_ms: 3,
+        };
+        st.append_log(&(0..10).map(entry).collect::<Vec<_>>())
+            .unwrap();
+        let ports =
+            |rows: Vec<moat_gateway::LogEntry>| rows.iter().map(|e| e.port).collect::<Vec<_>>();
+        assert_eq!(ports(st.network_log(Some("a"), 3).unwrap()), vec![4, 6, 8]);
+        assert_eq!(ports(st.network_log(None, 2).unwrap()), vec![8, 9]);
     }
 
     #[test]

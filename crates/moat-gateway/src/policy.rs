@@ -43,8 +43,13 @@ impl Action {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     /// `example.com`, `*.example.com` (subdomains only), or `*`; optionally one port.
-    Host { pattern: String, port: Option<u16> },
-    Cidr { cidr: Cidr },
+    Host {
+        pattern: String,
+        port: Option<u16>,
+    },
+    Cidr {
+        cidr: Cidr,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +61,14 @@ pub struct Rule {
 impl std::fmt::Display for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.target {
-            Target::Host { pattern, port: Some(p) } => write!(f, "{}-host {pattern}:{p}", self.action.flag()),
-            Target::Host { pattern, port: None } => write!(f, "{}-host {pattern}", self.action.flag()),
+            Target::Host {
+                pattern,
+                port: Some(p),
+            } => write!(f, "{}-host {pattern}:{p}", self.action.flag()),
+            Target::Host {
+                pattern,
+                port: None,
+            } => write!(f, "{}-host {pattern}", self.action.flag()),
             Target::Cidr { cidr } => write!(f, "{}-cidr {cidr}", self.action.flag()),
         }
     }
@@ -103,38 +114,82 @@ impl Rule {
         } else {
             normalize(pattern).map_err(|_| bad())?.to_string()
         };
-        Ok(Rule { action, target: Target::Host { pattern, port } })
+        Ok(Rule {
+            action,
+            target: Target::Host { pattern, port },
+        })
     }
 
     pub fn cidr(action: Action, spec: &str) -> Result<Rule, RuleError> {
-        let cidr = spec.parse::<Cidr>().map_err(|_| RuleError::Cidr(spec.to_string()))?;
-        Ok(Rule { action, target: Target::Cidr { cidr } })
+        let cidr = spec
+            .parse::<Cidr>()
+            .map_err(|_| RuleError::Cidr(spec.to_string()))?;
+        Ok(Rule {
+            action,
+            target: Target::Cidr { cidr },
+        })
     }
 }
 
 /// Hosts the `balanced` preset allows: package registries, source hosts, model APIs.
 pub const BALANCED_HOSTS: &[&str] = &[
     // package registries
-    "pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "registry.yarnpkg.com", "crates.io",
-    "static.crates.io", "index.crates.io", "deb.debian.org", "security.debian.org", "archive.ubuntu.com",
-    "security.ubuntu.com", "proxy.golang.org", "sum.golang.org", "rubygems.org", "repo.maven.apache.org",
-    "repo1.maven.org", "plugins.gradle.org", "services.gradle.org", "nodejs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "registry.npmjs.org",
+    "registry.yarnpkg.com",
+    "crates.io",
+    "static.crates.io",
+    "index.crates.io",
+    "deb.debian.org",
+    "security.debian.org",
+    "archive.ubuntu.com",
+    "security.ubuntu.com",
+    "proxy.golang.org",
+    "sum.golang.org",
+    "rubygems.org",
+    "repo.maven.apache.org",
+    "repo1.maven.org",
+    "plugins.gradle.org",
+    "services.gradle.org",
+    "nodejs.org",
     // source hosts
-    "github.com", "api.github.com", "codeload.github.com", "*.githubusercontent.com", "gitlab.com",
+    "github.com",
+    "api.github.com",
+    "codeload.github.com",
+    "*.githubusercontent.com",
+    "gitlab.com",
     "bitbucket.org",
     // model APIs
-    "api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com", "api.mistral.ai",
-    "api.groq.com", "api.x.ai", "openrouter.ai", "huggingface.co", "*.huggingface.co", "*.hf.co",
+    "api.anthropic.com",
+    "api.openai.com",
+    "generativelanguage.googleapis.com",
+    "api.mistral.ai",
+    "api.groq.com",
+    "api.x.ai",
+    "openrouter.ai",
+    "huggingface.co",
+    "*.huggingface.co",
+    "*.hf.co",
 ];
 
 impl Policy {
     pub fn preset(name: &str) -> Result<Policy, RuleError> {
         match name {
-            "deny-all" => Ok(Policy { default: Default::Deny, rules: vec![] }),
-            "allow-all" => Ok(Policy { default: Default::Allow, rules: vec![] }),
+            "deny-all" => Ok(Policy {
+                default: Default::Deny,
+                rules: vec![],
+            }),
+            "allow-all" => Ok(Policy {
+                default: Default::Allow,
+                rules: vec![],
+            }),
             "balanced" => Ok(Policy {
                 default: Default::Deny,
-                rules: BALANCED_HOSTS.iter().filter_map(|h| Rule::host(Action::Allow, h).ok()).collect(),
+                rules: BALANCED_HOSTS
+                    .iter()
+                    .filter_map(|h| Rule::host(Action::Allow, h).ok())
+                    .collect(),
             }),
             other => Err(RuleError::Preset(other.to_string())),
         }
@@ -166,12 +221,21 @@ impl Verdict {
             Default::Allow => Action::Allow,
             Default::Deny => Action::Block,
         };
-        Verdict { action, rule: "<default policy>".into(), exact: false }
+        Verdict {
+            action,
+            rule: "<default policy>".into(),
+            exact: false,
+        }
     }
 }
 
 /// Specificity of a host rule for `host`/`port`, if it matches: higher wins.
-fn host_score(pattern: &str, rule_port: Option<u16>, host: &Host, port: u16) -> Option<(u8, usize, u8)> {
+fn host_score(
+    pattern: &str,
+    rule_port: Option<u16>,
+    host: &Host,
+    port: u16,
+) -> Option<(u8, usize, u8)> {
     if rule_port.is_some_and(|p| p != port) {
         return None;
     }
@@ -182,7 +246,10 @@ fn host_score(pattern: &str, rule_port: Option<u16>, host: &Host, port: u16) -> 
     }
     if let Some(suffix) = pattern.strip_prefix("*.") {
         let Host::Name(n) = host else { return None };
-        return n.strip_suffix(suffix).filter(|rest| rest.ends_with('.')).map(|_| (1, suffix.len(), with_port));
+        return n
+            .strip_suffix(suffix)
+            .filter(|rest| rest.ends_with('.'))
+            .map(|_| (1, suffix.len(), with_port));
     }
     (pattern == name).then_some((2 + with_port, 0, 0))
 }
@@ -195,7 +262,9 @@ impl Policy {
             let score = match (&rule.target, host) {
                 (Target::Host { pattern, port: p }, _) => host_score(pattern, *p, host, port),
                 // A CIDR rule speaks about an address literal like an exact rule, longer prefixes first.
-                (Target::Cidr { cidr }, Host::Ip(ip)) => cidr.contains(*ip).then_some((2, cidr.prefix as usize, 0)),
+                (Target::Cidr { cidr }, Host::Ip(ip)) => {
+                    cidr.contains(*ip).then_some((2, cidr.prefix as usize, 0))
+                }
                 (Target::Cidr { .. }, Host::Name(_)) => None,
             };
             let Some(score) = score else { continue };
@@ -208,7 +277,11 @@ impl Policy {
             }
         }
         match best {
-            Some((score, rule)) => Verdict { action: rule.action, rule: rule.to_string(), exact: score.0 >= 2 },
+            Some((score, rule)) => Verdict {
+                action: rule.action,
+                rule: rule.to_string(),
+                exact: score.0 >= 2,
+            },
             None => Verdict::default(self),
         }
     }
@@ -227,8 +300,12 @@ impl Policy {
                 if cidr.contains(ip) {
                     let better = match cidr_rule {
                         None => true,
-                        Some(Rule { target: Target::Cidr { cidr: c }, action }) => {
-                            cidr.prefix > c.prefix || (cidr.prefix == c.prefix && rule.action.rank() > action.rank())
+                        Some(Rule {
+                            target: Target::Cidr { cidr: c },
+                            action,
+                        }) => {
+                            cidr.prefix > c.prefix
+                                || (cidr.prefix == c.prefix && rule.action.rank() > action.rank())
                         }
                         Some(_) => false,
                     };
@@ -239,23 +316,38 @@ impl Policy {
             }
         }
         if let Some(rule) = cidr_rule.filter(|r| r.action == Action::Block) {
-            return Verdict { action: Action::Block, rule: rule.to_string(), exact: true };
+            return Verdict {
+                action: Action::Block,
+                rule: rule.to_string(),
+                exact: true,
+            };
         }
-        let range = special_range(ip).or_else(|| local.contains(&ip).then_some("this host's own address"));
+        let range =
+            special_range(ip).or_else(|| local.contains(&ip).then_some("this host's own address"));
         if let Some(range) = range {
             if host_verdict.exact {
                 return host_verdict.clone();
             }
             if let Some(rule) = cidr_rule {
-                return Verdict { action: rule.action, rule: rule.to_string(), exact: true };
+                return Verdict {
+                    action: rule.action,
+                    rule: rule.to_string(),
+                    exact: true,
+                };
             }
-            return Verdict { action: Action::Block, rule: format!("<blocked range: {range}>"), exact: false };
+            return Verdict {
+                action: Action::Block,
+                rule: format!("<blocked range: {range}>"),
+                exact: false,
+            };
         }
         // A name no host rule named, at an address a CIDR rule names: the CIDR rule decides.
         match cidr_rule {
-            Some(rule) if host_verdict.rule == "<default policy>" => {
-                Verdict { action: rule.action, rule: rule.to_string(), exact: true }
-            }
+            Some(rule) if host_verdict.rule == "<default policy>" => Verdict {
+                action: rule.action,
+                rule: rule.to_string(),
+                exact: true,
+            },
             _ => host_verdict.clone(),
         }
     }
@@ -266,9 +358,16 @@ mod tests {
     use super::*;
 
     fn policy(default: Default, rules: &[(&str, Action, &str)]) -> Policy {
-        let mut p = Policy { default, rules: vec![] };
+        let mut p = Policy {
+            default,
+            rules: vec![],
+        };
         for (kind, action, spec) in rules {
-            p.add(if *kind == "host" { Rule::host(*action, spec).unwrap() } else { Rule::cidr(*action, spec).unwrap() });
+            p.add(if *kind == "host" {
+                Rule::host(*action, spec).unwrap()
+            } else {
+                Rule::cidr(*action, spec).unwrap()
+            });
         }
         p
     }
@@ -290,13 +389,31 @@ mod tests {
                 ("host", Action::Allow, "v1.api.example.com:443"),
             ],
         );
-        assert_eq!(decide(&p, "v1.api.example.com", 443), (Action::Allow, "allow-host v1.api.example.com:443".into()));
-        assert_eq!(decide(&p, "v1.api.example.com", 80), (Action::Block, "block-host v1.api.example.com".into()));
-        assert_eq!(decide(&p, "v2.api.example.com", 80), (Action::Allow, "allow-host *.api.example.com".into()));
-        assert_eq!(decide(&p, "www.example.com", 80), (Action::Block, "block-host *.example.com".into()));
+        assert_eq!(
+            decide(&p, "v1.api.example.com", 443),
+            (Action::Allow, "allow-host v1.api.example.com:443".into())
+        );
+        assert_eq!(
+            decide(&p, "v1.api.example.com", 80),
+            (Action::Block, "block-host v1.api.example.com".into())
+        );
+        assert_eq!(
+            decide(&p, "v2.api.example.com", 80),
+            (Action::Allow, "allow-host *.api.example.com".into())
+        );
+        assert_eq!(
+            decide(&p, "www.example.com", 80),
+            (Action::Block, "block-host *.example.com".into())
+        );
         // A wildcard covers subdomains only, not the apex.
-        assert_eq!(decide(&p, "example.com", 80), (Action::Allow, "allow-host *".into()));
-        assert_eq!(decide(&policy(Default::Deny, &[]), "x.org", 80), (Action::Block, "<default policy>".into()));
+        assert_eq!(
+            decide(&p, "example.com", 80),
+            (Action::Allow, "allow-host *".into())
+        );
+        assert_eq!(
+            decide(&policy(Default::Deny, &[]), "x.org", 80),
+            (Action::Block, "<default policy>".into())
+        );
     }
 
     #[test]
@@ -309,42 +426,94 @@ mod tests {
     #[test]
     fn blocked_ranges_need_an_exact_rule_or_a_cidr_rule() {
         let local = ["192.0.2.10".parse().unwrap()];
-        let p = policy(Default::Allow, &[("host", Action::Allow, "*.corp.example"), ("host", Action::Allow, "db.corp.example")]);
+        let p = policy(
+            Default::Allow,
+            &[
+                ("host", Action::Allow, "*.corp.example"),
+                ("host", Action::Allow, "db.corp.example"),
+            ],
+        );
         let addr = |p: &Policy, host: &str, ip: &str| {
             let hv = p.decide_host(&normalize(host).unwrap(), 443);
             let v = p.decide_address(&hv, ip.parse().unwrap(), &local);
             (v.action, v.rule)
         };
         // A wildcard-allowed name that resolves to loopback stays blocked.
-        assert_eq!(addr(&p, "x.corp.example", "127.0.0.1"), (Action::Block, "<blocked range: loopback>".into()));
-        assert_eq!(addr(&p, "x.corp.example", "::ffff:169.254.169.254"), (Action::Block, "<blocked range: link-local (cloud metadata)>".into()));
-        assert_eq!(addr(&p, "x.corp.example", "192.0.2.10"), (Action::Block, "<blocked range: this host's own address>".into()));
+        assert_eq!(
+            addr(&p, "x.corp.example", "127.0.0.1"),
+            (Action::Block, "<blocked range: loopback>".into())
+        );
+        assert_eq!(
+            addr(&p, "x.corp.example", "::ffff:169.254.169.254"),
+            (
+                Action::Block,
+                "<blocked range: link-local (cloud metadata)>".into()
+            )
+        );
+        assert_eq!(
+            addr(&p, "x.corp.example", "192.0.2.10"),
+            (
+                Action::Block,
+                "<blocked range: this host's own address>".into()
+            )
+        );
         // An exact rule opens it.
-        assert_eq!(addr(&p, "db.corp.example", "10.1.2.3"), (Action::Allow, "allow-host db.corp.example".into()));
+        assert_eq!(
+            addr(&p, "db.corp.example", "10.1.2.3"),
+            (Action::Allow, "allow-host db.corp.example".into())
+        );
         // So does a CIDR rule; a block CIDR closes even a public address.
-        let p2 = policy(Default::Allow, &[("cidr", Action::Allow, "10.1.0.0/16"), ("cidr", Action::Block, "203.0.113.0/24")]);
-        assert_eq!(addr(&p2, "svc.internal", "10.1.2.3"), (Action::Allow, "allow-cidr 10.1.0.0/16".into()));
-        assert_eq!(addr(&p2, "svc.internal", "10.2.0.1"), (Action::Block, "<blocked range: private (RFC 1918)>".into()));
-        assert_eq!(addr(&p2, "www.example.org", "203.0.113.5"), (Action::Block, "block-cidr 203.0.113.0/24".into()));
+        let p2 = policy(
+            Default::Allow,
+            &[
+                ("cidr", Action::Allow, "10.1.0.0/16"),
+                ("cidr", Action::Block, "203.0.113.0/24"),
+            ],
+        );
+        assert_eq!(
+            addr(&p2, "svc.internal", "10.1.2.3"),
+            (Action::Allow, "allow-cidr 10.1.0.0/16".into())
+        );
+        assert_eq!(
+            addr(&p2, "svc.internal", "10.2.0.1"),
+            (Action::Block, "<blocked range: private (RFC 1918)>".into())
+        );
+        assert_eq!(
+            addr(&p2, "www.example.org", "203.0.113.5"),
+            (Action::Block, "block-cidr 203.0.113.0/24".into())
+        );
     }
 
     #[test]
     fn localhost_opens_only_by_its_own_rule() {
         let allow_all = Policy::preset("allow-all").unwrap();
         let hv = allow_all.decide_host(&Host::Name("localhost".into()), 8080);
-        assert!(!allow_all.decide_address(&hv, "127.0.0.1".parse().unwrap(), &[]).allowed());
+        assert!(!allow_all
+            .decide_address(&hv, "127.0.0.1".parse().unwrap(), &[])
+            .allowed());
         let one_port = policy(Default::Deny, &[("host", Action::Allow, "localhost:8080")]);
         for (port, want) in [(8080, true), (8081, false)] {
             let hv = one_port.decide_host(&Host::Name("localhost".into()), port);
-            assert_eq!(one_port.decide_address(&hv, "127.0.0.1".parse().unwrap(), &[]).allowed(), want);
+            assert_eq!(
+                one_port
+                    .decide_address(&hv, "127.0.0.1".parse().unwrap(), &[])
+                    .allowed(),
+                want
+            );
         }
     }
 
     #[test]
     fn ip_literals_meet_cidr_rules_and_presets_parse() {
         let p = policy(Default::Deny, &[("cidr", Action::Allow, "10.1.0.0/16")]);
-        assert_eq!(decide(&p, "10.1.9.9", 22), (Action::Allow, "allow-cidr 10.1.0.0/16".into()));
-        assert_eq!(decide(&p, "0x0a010909", 22), (Action::Allow, "allow-cidr 10.1.0.0/16".into()));
+        assert_eq!(
+            decide(&p, "10.1.9.9", 22),
+            (Action::Allow, "allow-cidr 10.1.0.0/16".into())
+        );
+        assert_eq!(
+            decide(&p, "0x0a010909", 22),
+            (Action::Allow, "allow-cidr 10.1.0.0/16".into())
+        );
         let balanced = Policy::preset("balanced").unwrap();
         assert_eq!(balanced.rules.len(), BALANCED_HOSTS.len());
         assert_eq!(decide(&balanced, "pypi.org", 443).0, Action::Allow);

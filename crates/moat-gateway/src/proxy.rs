@@ -59,14 +59,29 @@ impl Gateway {
             .thread_name("moat-gateway")
             .enable_all()
             .build()?;
-        Ok(Gateway { runtime, gates: Mutex::new(HashMap::new()), sink, local: Arc::new(crate::ranges::local_addresses()) })
+        Ok(Gateway {
+            runtime,
+            gates: Mutex::new(HashMap::new()),
+            sink,
+            local: Arc::new(crate::ranges::local_addresses()),
+        })
     }
 
     /// Serve the sandbox `id` (called `name`) on `listener`, its door.
-    pub fn attach(&self, id: &str, name: &str, policy: Policy, listener: std::net::TcpListener) -> std::io::Result<()> {
+    pub fn attach(
+        &self,
+        id: &str,
+        name: &str,
+        policy: Policy,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<()> {
         listener.set_nonblocking(true)?;
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let gate = Arc::new(Gate { name: name.to_string(), policy: RwLock::new(policy), stop });
+        let gate = Arc::new(Gate {
+            name: name.to_string(),
+            policy: RwLock::new(policy),
+            stop,
+        });
         if let Some(old) = lock(&self.gates).insert(id.to_string(), Arc::clone(&gate)) {
             let _ = old.stop.send(true);
         }
@@ -110,6 +125,9 @@ impl Gateway {
     }
 }
 
+/// An open upstream connection and the address it goes to.
+type Upstream = (SocketAddr, SendRequest<Counted<Incoming>>);
+
 /// One client connection through a door.
 #[derive(Clone)]
 struct Conn {
@@ -117,13 +135,20 @@ struct Conn {
     sink: LogSink,
     local: Arc<Vec<IpAddr>>,
     /// The upstream connection of the last request, kept alive for the next.
-    upstream: Arc<tokio::sync::Mutex<Option<(SocketAddr, SendRequest<Counted<Incoming>>)>>>,
+    upstream: Arc<tokio::sync::Mutex<Option<Upstream>>>,
 }
 
 fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -135,13 +160,22 @@ struct Target {
 
 fn request_target(req: &Request<Incoming>) -> Result<Target, String> {
     let authority = req.uri().authority().ok_or("no host in the request target: send absolute-form requests (http://host/path) or CONNECT host:port")?;
-    let (host, port) = split_host_port(authority.as_str()).ok_or("bad host in the request target")?;
-    let port = match (req.method() == Method::CONNECT, port, req.uri().scheme_str()) {
+    let (host, port) =
+        split_host_port(authority.as_str()).ok_or("bad host in the request target")?;
+    let port = match (
+        req.method() == Method::CONNECT,
+        port,
+        req.uri().scheme_str(),
+    ) {
         (true, Some(p), _) => p,
         (true, None, _) => return Err("CONNECT needs host:port".into()),
         (false, Some(p), Some("http")) => p,
         (false, None, Some("http")) => 80,
-        (false, _, _) => return Err("only http:// URLs go through the proxy in the clear; use CONNECT for https".into()),
+        (false, _, _) => {
+            return Err(
+                "only http:// URLs go through the proxy in the clear; use CONNECT for https".into(),
+            )
+        }
     };
     let mut host = normalize(host).map_err(|e| e.to_string())?;
     // As in Docker's sandboxes: the host's name inside means the host's loopback.
@@ -152,8 +186,15 @@ fn request_target(req: &Request<Incoming>) -> Result<Target, String> {
 }
 
 const HOP_BY_HOP: &[&str] = &[
-    "connection", "proxy-connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer",
-    "transfer-encoding", "upgrade",
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -186,7 +227,14 @@ impl Conn {
             .await;
     }
 
-    fn entry(&self, method: &str, target: &Target, path: Option<String>, verdict: &Verdict, status: u16) -> LogEntry {
+    fn entry(
+        &self,
+        method: &str,
+        target: &Target,
+        path: Option<String>,
+        verdict: &Verdict,
+        status: u16,
+    ) -> LogEntry {
         LogEntry {
             time: now_rfc3339(),
             sandbox: self.gate.name.clone(),
@@ -195,7 +243,11 @@ impl Conn {
             port: target.port,
             path,
             rule: verdict.rule.clone(),
-            decision: if verdict.allowed() { "allowed".into() } else { "blocked".into() },
+            decision: if verdict.allowed() {
+                "allowed".into()
+            } else {
+                "blocked".into()
+            },
             status,
             bytes_up: 0,
             bytes_down: 0,
@@ -226,8 +278,16 @@ impl Conn {
     }
 
     /// Decide, resolve and check: the address to dial and the verdict, or the refusal.
-    async fn admit(&self, target: &Target) -> Result<(SocketAddr, Verdict), (Verdict, Response<ProxyBody>)> {
-        let policy = self.gate.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+    async fn admit(
+        &self,
+        target: &Target,
+    ) -> Result<(SocketAddr, Verdict), (Verdict, Response<ProxyBody>)> {
+        let policy = self
+            .gate
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let host_verdict = policy.decide_host(&target.host, target.port);
         if !host_verdict.allowed() {
             let resp = self.forbidden(target, &host_verdict);
@@ -248,7 +308,10 @@ impl Conn {
         for ip in addrs {
             let verdict = policy.decide_address(&host_verdict, ip, &self.local);
             if verdict.allowed() {
-                return Ok((SocketAddr::new(crate::host::canonical_ip(ip), target.port), verdict));
+                return Ok((
+                    SocketAddr::new(crate::host::canonical_ip(ip), target.port),
+                    verdict,
+                ));
             }
             refusal.get_or_insert(verdict);
         }
@@ -266,9 +329,19 @@ impl Conn {
         text_response(StatusCode::FORBIDDEN, body)
     }
 
-    async fn dial(&self, target: &Target, addr: SocketAddr) -> Result<TcpStream, Response<ProxyBody>> {
+    async fn dial(
+        &self,
+        target: &Target,
+        addr: SocketAddr,
+    ) -> Result<TcpStream, Response<ProxyBody>> {
         let failed = |why: String| {
-            text_response(StatusCode::BAD_GATEWAY, format!("moat: cannot reach {}:{} ({addr}): {why}\n", target.host, target.port))
+            text_response(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "moat: cannot reach {}:{} ({addr}): {why}\n",
+                    target.host, target.port
+                ),
+            )
         };
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
@@ -276,11 +349,21 @@ impl Conn {
                 Ok(s)
             }
             Ok(Err(e)) => Err(failed(e.to_string())),
-            Err(_) => Err(failed(format!("no answer within {} s", DIAL_TIMEOUT.as_secs()))),
+            Err(_) => Err(failed(format!(
+                "no answer within {} s",
+                DIAL_TIMEOUT.as_secs()
+            ))),
         }
     }
 
-    async fn tunnel(&self, mut req: Request<Incoming>, target: Target, addr: SocketAddr, verdict: Verdict, started: Instant) -> Response<ProxyBody> {
+    async fn tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        target: Target,
+        addr: SocketAddr,
+        verdict: Verdict,
+        started: Instant,
+    ) -> Response<ProxyBody> {
         let mut upstream = match self.dial(&target, addr).await {
             Ok(s) => s,
             Err(resp) => {
@@ -294,7 +377,9 @@ impl Conn {
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
                 let mut client = TokioIo::new(upgraded);
-                if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                if let Ok((up, down)) =
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                {
                     entry.bytes_up = up;
                     entry.bytes_down = down;
                 }
@@ -302,10 +387,21 @@ impl Conn {
             entry.duration_ms = started.elapsed().as_millis() as u64;
             sink(entry);
         });
-        Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
+        Response::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
     }
 
-    async fn forward(&self, req: Request<Incoming>, target: Target, addr: SocketAddr, verdict: Verdict, started: Instant) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        target: Target,
+        addr: SocketAddr,
+        verdict: Verdict,
+        started: Instant,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();
         // The Host header, where the client sent one, must name the same place as the target.
@@ -316,16 +412,31 @@ impl Conn {
                 .and_then(split_host_port)
                 .and_then(|(hh, p)| normalize(hh).ok().map(|n| (n, p.unwrap_or(80))))
                 .is_some_and(|(n, p)| {
-                    let n = if n == Host::Name("host.docker.internal".into()) { Host::Name("localhost".into()) } else { n };
+                    let n = if n == Host::Name("host.docker.internal".into()) {
+                        Host::Name("localhost".into())
+                    } else {
+                        n
+                    };
                     n == target.host && p == target.port
                 });
             if !same {
                 (self.sink)(self.entry(parts.method.as_str(), &target, Some(path), &verdict, 421));
-                return text_response(StatusCode::MISDIRECTED_REQUEST, "moat: the Host header and the request target name different hosts\n".into());
+                return text_response(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "moat: the Host header and the request target name different hosts\n".into(),
+                );
             }
         }
-        let authority = parts.uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-        parts.uri = match parts.uri.path_and_query().map(|pq| pq.as_str().parse::<Uri>()) {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        parts.uri = match parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().parse::<Uri>())
+        {
             Some(Ok(u)) => u,
             _ => Uri::from_static("/"),
         };
@@ -338,19 +449,28 @@ impl Conn {
         let up = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicU64::new(0));
         let method = parts.method.to_string();
-        let req = Request::from_parts(parts, Counted { inner: body, count: Arc::clone(&up), guard: None });
+        let req = Request::from_parts(
+            parts,
+            Counted {
+                inner: body,
+                count: Arc::clone(&up),
+                guard: None,
+            },
+        );
 
         let mut cache = self.upstream.lock().await;
         let mut sender = match cache.take() {
             Some((a, s)) if a == addr && !s.is_closed() => s,
             _ => match self.dial(&target, addr).await {
-                Ok(stream) => match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                    Ok((s, conn)) => {
-                        tokio::spawn(conn);
-                        s
+                Ok(stream) => {
+                    match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                        Ok((s, conn)) => {
+                            tokio::spawn(conn);
+                            s
+                        }
+                        Err(e) => return self.upstream_failed(&method, &target, path, &verdict, e),
                     }
-                    Err(e) => return self.upstream_failed(&method, &target, path, &verdict, e),
-                },
+                }
                 Err(resp) => {
                     (self.sink)(self.entry(&method, &target, Some(path), &verdict, 502));
                     return resp;
@@ -368,14 +488,44 @@ impl Conn {
         drop(cache);
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let entry = self.entry(&method, &target, Some(path), &verdict, parts.status.as_u16());
-        let guard = Arc::new(LogGuard { entry: Mutex::new(Some(entry)), up, down: Arc::clone(&down), started, sink: Arc::clone(&self.sink) });
-        Response::from_parts(parts, Counted { inner: body, count: down, guard: Some(guard) }.boxed())
+        let entry = self.entry(
+            &method,
+            &target,
+            Some(path),
+            &verdict,
+            parts.status.as_u16(),
+        );
+        let guard = Arc::new(LogGuard {
+            entry: Mutex::new(Some(entry)),
+            up,
+            down: Arc::clone(&down),
+            started,
+            sink: Arc::clone(&self.sink),
+        });
+        Response::from_parts(
+            parts,
+            Counted {
+                inner: body,
+                count: down,
+                guard: Some(guard),
+            }
+            .boxed(),
+        )
     }
 
-    fn upstream_failed(&self, method: &str, target: &Target, path: String, verdict: &Verdict, e: hyper::Error) -> Response<ProxyBody> {
+    fn upstream_failed(
+        &self,
+        method: &str,
+        target: &Target,
+        path: String,
+        verdict: &Verdict,
+        e: hyper::Error,
+    ) -> Response<ProxyBody> {
         (self.sink)(self.entry(method, target, Some(path), verdict, 502));
-        text_response(StatusCode::BAD_GATEWAY, format!("moat: {}:{} failed: {e}\n", target.host, target.port))
+        text_response(
+            StatusCode::BAD_GATEWAY,
+            format!("moat: {}:{} failed: {e}\n", target.host, target.port),
+        )
     }
 }
 
@@ -411,7 +561,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {

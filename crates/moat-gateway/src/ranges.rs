@@ -41,7 +41,11 @@ impl std::str::FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr = crate::host::canonical_ip(a.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>().map_err(|_| bad())?);
+        let addr = crate::host::canonical_ip(
+            a.trim_matches(|c| c == '[' || c == ']')
+                .parse::<IpAddr>()
+                .map_err(|_| bad())?,
+        );
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             Some(p) => p.parse::<u8>().map_err(|_| bad())?,
@@ -51,18 +55,29 @@ impl std::str::FromStr for Cidr {
             return Err(bad());
         }
         // Store the network address, so that equal ranges compare equal.
-        Ok(Cidr { addr: mask(addr, prefix), prefix })
+        Ok(Cidr {
+            addr: mask(addr, prefix),
+            prefix,
+        })
     }
 }
 
 fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
-            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix)
+            };
             IpAddr::V4(Ipv4Addr::from(u32::from(v4) & m))
         }
         IpAddr::V6(v6) => {
-            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - prefix)
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(v6) & m))
         }
     }
@@ -162,7 +177,9 @@ pub fn local_addresses() -> Vec<IpAddr> {
                 match (*sa).sa_family as i32 {
                     libc::AF_INET => {
                         let sin = &*(sa as *const libc::sockaddr_in);
-                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))));
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*(sa as *const libc::sockaddr_in6);
@@ -210,7 +227,11 @@ mod tests {
         ] {
             assert_eq!(range(ip), Some(want), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "1.1.1.1"] {
+        for ip in [
+            "93.184.216.34",
+            "2606:2800:220:1:248:1893:25c8:1946",
+            "1.1.1.1",
+        ] {
             assert_eq!(range(ip), None, "{ip}");
         }
     }

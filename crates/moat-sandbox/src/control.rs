@@ -15,6 +15,39 @@ use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrStorage};
 
 use crate::SandboxError;
 
+/// A network namespace, by the device and inode of its nsfs file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl NetnsId {
+    pub fn from_metadata(m: &std::fs::Metadata) -> NetnsId {
+        NetnsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
+impl std::fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.dev, self.ino)
+    }
+}
+
+impl std::str::FromStr for NetnsId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<NetnsId, ()> {
+        let (d, i) = s.split_once(':').ok_or(())?;
+        Ok(NetnsId {
+            dev: d.parse().map_err(|_| ())?,
+            ino: i.parse().map_err(|_| ())?,
+        })
+    }
+}
+
 fn connect(path: &Path) -> Result<UnixStream, SandboxError> {
     UnixStream::connect(path).map_err(|err| SandboxError::Unreachable {
         path: path.display().to_string(),
@@ -112,8 +145,8 @@ pub fn stop(path: &Path, grace: Duration) -> Result<(), SandboxError> {
 }
 
 /// A fresh TCP socket in the sandbox's network namespace, for a door. The
-/// caller binds or connects it; `init_pid` names the namespace it must be in.
-pub fn door_socket(path: &Path, init_pid: i32, ipv6: bool) -> Result<OwnedFd, SandboxError> {
+/// caller binds or connects it; `netns` is the namespace it must be in.
+pub fn door_socket(path: &Path, netns: NetnsId, ipv6: bool) -> Result<OwnedFd, SandboxError> {
     let (_, reply, mut fds) = ask(path, &InitRequest::Socket { ipv6 }, &[])?;
     if reply != InitReply::Socket || fds.len() != 1 {
         return Err(SandboxError::Protocol(format!(
@@ -124,7 +157,7 @@ pub fn door_socket(path: &Path, init_pid: i32, ipv6: bool) -> Result<OwnedFd, Sa
     let fd = fds
         .pop()
         .ok_or_else(|| SandboxError::Protocol("no socket".into()))?;
-    check_door_socket(&fd, init_pid, ipv6)?;
+    check_door_socket(&fd, netns, ipv6)?;
     Ok(fd)
 }
 
@@ -132,7 +165,7 @@ fn refuse(what: &str) -> SandboxError {
     SandboxError::Protocol(format!("the sandbox handed over {what}; refusing it"))
 }
 
-fn check_door_socket(fd: &OwnedFd, init_pid: i32, ipv6: bool) -> Result<(), SandboxError> {
+fn check_door_socket(fd: &OwnedFd, netns: NetnsId, ipv6: bool) -> Result<(), SandboxError> {
     let ty =
         getsockopt(fd, sockopt::SockType).map_err(|_| refuse("something that is not a socket"))?;
     if ty != nix::sys::socket::SockType::Stream {
@@ -160,9 +193,7 @@ fn check_door_socket(fd: &OwnedFd, init_pid: i32, ipv6: bool) -> Result<(), Sand
     let theirs = ns
         .metadata()
         .map_err(|e| SandboxError::io("stat socket namespace", e))?;
-    let ours = std::fs::metadata(format!("/proc/{init_pid}/ns/net"))
-        .map_err(|e| SandboxError::io("stat the sandbox's network namespace", e))?;
-    if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+    if NetnsId::from_metadata(&theirs) != netns {
         return Err(refuse("a socket from another network namespace"));
     }
     Ok(())

@@ -133,7 +133,11 @@ fn run_init(spec: &SandboxSpec) -> Result<Never, SandboxError> {
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| SandboxError::sys("signalfd", e))?;
 
-    println!("ready");
+    // Who we are, network-wise: the daemon checks every door socket against
+    // this. No sandbox process has run yet, so the answer can be trusted.
+    let ns = std::fs::metadata("/proc/self/ns/net")
+        .map_err(|e| SandboxError::io("stat our network namespace", e))?;
+    println!("ready {}", crate::control::NetnsId::from_metadata(&ns));
     let _ = io::stdout().flush();
     detach_stdio();
 

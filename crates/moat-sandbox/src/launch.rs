@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::cgroup::Cgroup;
+use crate::control::NetnsId;
 use crate::idmap::IdMap;
 use crate::init::CONTROL_FD;
 use crate::spec::SandboxSpec;
@@ -32,8 +33,15 @@ pub struct Launch<'a> {
     pub log: &'a Path,
 }
 
-/// Start the sandbox and return the host pid of its init.
-pub fn start(l: &Launch) -> Result<i32, SandboxError> {
+/// A started sandbox: its init's host pid and its network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub pid: i32,
+    pub netns: NetnsId,
+}
+
+/// Start the sandbox.
+pub fn start(l: &Launch) -> Result<Started, SandboxError> {
     let _ = std::fs::remove_file(l.control);
     let listener = UnixListener::bind(l.control)
         .map_err(|e| SandboxError::io(format!("bind {}", l.control.display()), e))?;
@@ -82,7 +90,7 @@ pub fn start(l: &Launch) -> Result<i32, SandboxError> {
     result
 }
 
-fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<i32, SandboxError> {
+fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<Started, SandboxError> {
     let spec = serde_json::to_string(l.spec).map_err(|e| SandboxError::Start(e.to_string()))?;
     let stdin = child
         .stdin
@@ -109,8 +117,13 @@ fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<i32, Sandbox
         }
         if let Some(pid) = text.strip_prefix("init ") {
             init_pid = pid.parse::<i32>().ok();
-        } else if text == "ready" {
-            return init_pid.ok_or_else(|| SandboxError::Start("init did not give its pid".into()));
+        } else if let Some(ns) = text.strip_prefix("ready ") {
+            let pid =
+                init_pid.ok_or_else(|| SandboxError::Start("init did not give its pid".into()))?;
+            let netns = ns
+                .parse()
+                .map_err(|_| SandboxError::Start(format!("init gave a bad namespace id {ns:?}")))?;
+            return Ok(Started { pid, netns });
         } else if let Some(err) = text.strip_prefix("error: ") {
             if let Some(pid) = init_pid {
                 let _ = nix::sys::signal::kill(

@@ -1,0 +1,208 @@
+//! End-to-end: the egress gateway, from real clients inside a real sandbox
+//! to real servers on the host's loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::*;
+
+/// A static HTTP server on the host's loopback; returns its port and the child to kill.
+fn http_server(dir: &std::path::Path) -> (u16, KillOnDrop) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            dir.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (port, KillOnDrop(child))
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_policy_decides_applies_at_once_and_every_request_is_logged() {
+    let sb = Sandbox::new("gw");
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("hello.txt"), "hello from the host\n").unwrap();
+    let (port, _server) = http_server(site.path());
+    let url = format!("http://host.docker.internal:{port}/hello.txt");
+
+    // New sandboxes start balanced: the host's loopback is closed.
+    let out = sb.sh(&format!("curl -s -w '\\n%{{http_code}}' {url}"));
+    let body = text(&out.stdout);
+    assert!(body.ends_with("\n403"), "{body}");
+    assert!(
+        body.contains("blocked for sandbox")
+            && body.contains(&format!(
+                "moat sandbox network proxy {} --allow-host localhost",
+                sb.name
+            )),
+        "{body}"
+    );
+
+    // One rule for one port opens it, at once; other ports stay closed.
+    moat_ok(&[
+        "sandbox",
+        "network",
+        "proxy",
+        &sb.name,
+        "--allow-host",
+        &format!("localhost:{port}"),
+    ]);
+    let out = sb.sh(&format!("curl -s {url}; python3 -c \"import urllib.request;print(urllib.request.urlopen('{url}').read().decode(), end='')\""));
+    assert_eq!(
+        text(&out.stdout),
+        "hello from the host\nhello from the host\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let other = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = sb.sh(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' http://host.docker.internal:{other}/"
+    ));
+    assert_eq!(text(&out.stdout), "403");
+
+    // The log has every request, with its rule and decision.
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&moat_ok(&["sandbox", "network", "log", &sb.name, "--json"])).unwrap();
+    let seen: Vec<(String, String, String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!("{}:{}", r["host"].as_str().unwrap(), r["port"]),
+                r["rule"].as_str().unwrap().to_string(),
+                r["decision"].as_str().unwrap().to_string(),
+                r["status"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let here = format!("localhost:{port}");
+    let allowed_rule = format!("allow-host localhost:{port}");
+    assert_eq!(
+        seen,
+        vec![
+            (
+                here.clone(),
+                "<default policy>".to_string(),
+                "blocked".to_string(),
+                403
+            ),
+            (
+                here.clone(),
+                allowed_rule.clone(),
+                "allowed".to_string(),
+                200
+            ),
+            (
+                here.clone(),
+                allowed_rule.clone(),
+                "allowed".to_string(),
+                200
+            ),
+            (
+                format!("localhost:{other}"),
+                "<default policy>".to_string(),
+                "blocked".to_string(),
+                403
+            ),
+        ]
+    );
+    let table = moat_ok(&["sandbox", "network", "log", &sb.name]);
+    assert!(table.starts_with("Blocked requests\nSANDBOX"), "{table}");
+    let allowed_line = table.lines().find(|l| l.contains(&allowed_rule)).unwrap();
+    assert!(allowed_line.trim_end().ends_with(" 2"), "{table}");
+}
+
+#[test]
+fn no_spelling_of_a_blocked_address_gets_through_the_proxy() {
+    let sb = Sandbox::new("gwatk");
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("secret.txt"), "host secret\n").unwrap();
+    let (port, _server) = http_server(site.path());
+    moat_ok(&[
+        "sandbox",
+        "network",
+        "proxy",
+        &sb.name,
+        "--preset",
+        "allow-all",
+    ]);
+    let spellings = [
+        "127.0.0.1",
+        "2130706433",
+        "0x7f000001",
+        "0x7f.1",
+        "127.1",
+        "0177.0.0.1",
+        "127.0.0.1.",
+        "[::ffff:127.0.0.1]",
+        "[::1]",
+        "localhost",
+        "LOCALHOST.",
+        "host.docker.internal",
+        "[::ffff:7f00:1]",
+        "%31%32%37.0.0.1",
+    ];
+    let mut script = String::new();
+    for h in spellings {
+        // Through the proxy, explicitly: NO_PROXY would otherwise send some of these nowhere.
+        script.push_str(&format!(
+            "printf '%s ' '{h}'; curl -s -g --noproxy '' -x http://host.docker.internal:3128 -o /dev/null -w '%{{http_code}}\\n' 'http://{h}:{port}/secret.txt'\n"
+        ));
+        script.push_str(&format!(
+            "printf 'CONNECT %s ' '{h}'; curl -s -g --noproxy '' -p -x http://host.docker.internal:3128 -o /dev/null -w '%{{http_connect}}\\n' 'http://{h}:{port}/secret.txt'\n"
+        ));
+    }
+    // The metadata address and private ranges, by name and number.
+    for h in [
+        "169.254.169.254",
+        "10.0.0.1",
+        "192.168.1.1",
+        "[fd00::1]",
+        "[::ffff:169.254.169.254]",
+        "0",
+    ] {
+        script.push_str(&format!(
+            "printf '%s ' '{h}'; curl -s -g --noproxy '' -x http://host.docker.internal:3128 -o /dev/null -w '%{{http_code}}\\n' 'http://{h}:80/'\n"
+        ));
+    }
+    let out = sb.sh(&script);
+    let report = text(&out.stdout);
+    for line in report.lines() {
+        assert!(line.ends_with(" 403"), "got through: {line}\n{report}");
+    }
+    assert_eq!(report.lines().count(), spellings.len() * 2 + 6, "{report}");
+}

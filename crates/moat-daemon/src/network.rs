@@ -1,0 +1,150 @@
+//! The daemon's side of the egress gateway: each running sandbox's door at
+//! 127.0.0.1:3128, its policy (kept in the database, applied at once), the
+//! network log (written in batches by one thread), and the environment that
+//! points the sandbox's tools at the proxy.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+
+use moat_api::NetworkProxyRequest;
+use moat_gateway::{policy::Default as PolicyDefault, Action, LogEntry, Policy, Rule};
+use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrIn};
+
+use crate::sandboxes::Daemon;
+use crate::state::State;
+use crate::DaemonError;
+
+/// The gateway's port inside every sandbox.
+pub const GATEWAY_PORT: u16 = 3128;
+
+/// The proxy settings every process in a sandbox gets.
+pub fn sandbox_env() -> Vec<String> {
+    let proxy = format!("http://host.docker.internal:{GATEWAY_PORT}");
+    let mut env = Vec::new();
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push(format!("{key}={proxy}"));
+    }
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.push(format!("{key}=localhost,127.0.0.1,::1"));
+    }
+    env
+}
+
+/// Start the thread that writes log rows to the database; returns the sink's sender.
+pub fn start_log_writer(db: std::path::PathBuf) -> mpsc::Sender<LogEntry> {
+    let (tx, rx) = mpsc::channel::<LogEntry>();
+    std::thread::spawn(move || {
+        let Ok(mut state) = State::open(&db) else {
+            return;
+        };
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 1000 {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = state.append_log(&batch) {
+                tracing::warn!("network log: {e}");
+            }
+        }
+    });
+    tx
+}
+
+impl Daemon {
+    /// The sandbox's policy: as stored, or the configured default for a new one.
+    pub(crate) fn policy_of(&self, id: &str) -> Result<Policy, DaemonError> {
+        match self.state().policy(id)? {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| DaemonError::State(format!("policy of {id}: {e}"))),
+            None => Ok(Policy::preset(&self.config().gateway.default_policy)
+                .map_err(|e| DaemonError::Config(e.to_string()))?),
+        }
+    }
+
+    /// Open the sandbox's door to the gateway: a listener on 127.0.0.1:3128
+    /// inside its network namespace, served by the gateway.
+    pub(crate) fn open_gateway_door(
+        &self,
+        id: &str,
+        name: &str,
+        netns: moat_sandbox::control::NetnsId,
+    ) -> Result<(), DaemonError> {
+        let fd = moat_sandbox::control::door_socket(&self.control_path(id), netns, false)?;
+        let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, GATEWAY_PORT));
+        let sys = |what: &str, e: nix::Error| {
+            DaemonError::io(format!("gateway door of {name}: {what}"), e.into())
+        };
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| sys("SO_REUSEADDR", e))?;
+        bind(fd.as_raw_fd(), &addr).map_err(|e| sys("bind 127.0.0.1:3128", e))?;
+        listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))
+            .map_err(|e| sys("listen", e))?;
+        let listener = std::net::TcpListener::from(fd);
+        let policy = self.policy_of(id)?;
+        self.gateway()
+            .attach(id, name, policy, listener)
+            .map_err(|e| DaemonError::io("gateway", e))
+    }
+
+    pub fn network_proxy(
+        &self,
+        req: NetworkProxyRequest,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let info = self.inspect(&req.name)?;
+        let mut policy = match &req.preset {
+            Some(preset) => {
+                Policy::preset(preset).map_err(|e| DaemonError::BadRequest(e.to_string()))?
+            }
+            None => self.policy_of(&info.id)?,
+        };
+        match req.policy.as_deref() {
+            None => {}
+            Some("allow") => policy.default = PolicyDefault::Allow,
+            Some("deny") => policy.default = PolicyDefault::Deny,
+            Some(other) => {
+                return Err(DaemonError::BadRequest(format!(
+                    "--policy takes allow or deny, not {other:?}"
+                )))
+            }
+        }
+        let bad = |e: moat_gateway::policy::RuleError| DaemonError::BadRequest(e.to_string());
+        let host_rules = [
+            (Action::Allow, &req.allow_hosts),
+            (Action::Block, &req.block_hosts),
+            (Action::Bypass, &req.bypass_hosts),
+        ];
+        let cidr_rules = [
+            (Action::Allow, &req.allow_cidrs),
+            (Action::Block, &req.block_cidrs),
+            (Action::Bypass, &req.bypass_cidrs),
+        ];
+        for (action, list) in host_rules {
+            for spec in list {
+                policy.add(Rule::host(action, spec).map_err(bad)?);
+            }
+        }
+        for (action, list) in cidr_rules {
+            for spec in list {
+                policy.add(Rule::cidr(action, spec).map_err(bad)?);
+            }
+        }
+        let text = serde_json::to_string(&policy).map_err(|e| DaemonError::State(e.to_string()))?;
+        self.state().set_policy(&info.id, &text)?;
+        self.gateway().set_policy(&info.id, policy.clone());
+        serde_json::to_value(&policy).map_err(|e| DaemonError::State(e.to_string()))
+    }
+
+    pub fn network_log(
+        &self,
+        name: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, DaemonError> {
+        if let Some(n) = name {
+            self.inspect(n)?;
+        }
+        self.state().network_log(name, i64::from(limit.max(1)))
+    }
+}
