@@ -43,6 +43,15 @@ pub enum Request {
         name: Option<String>,
         limit: u32,
     },
+    /// Store an API key for a service; the reply never contains it.
+    SecretSet {
+        name: String,
+        key: String,
+    },
+    SecretRm {
+        name: String,
+    },
+    SecretLs,
     ImageList,
     ImageRm {
         reference: String,

@@ -40,6 +40,9 @@ enum Command {
     /// Templates: images built from recipes
     #[command(subcommand)]
     Template(TemplateCmd),
+    /// API keys the gateway puts into requests (they never enter a sandbox)
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Run the daemon in the foreground (the CLI starts it when needed)
     Daemon,
     /// Show the versions of the client and the daemon
@@ -236,6 +239,19 @@ enum ImageCmd {
 }
 
 #[derive(Subcommand)]
+enum SecretCmd {
+    /// Store the key for a service (anthropic, openai, …), read from stdin
+    Set { service: String },
+    /// Forget a stored key
+    Rm { service: String },
+    /// Services, their hosts and where their key comes from; never the key
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TemplateCmd {
     /// Build a template (shell)
     Build { name: String },
@@ -270,6 +286,7 @@ pub fn main() -> Result<i32> {
         Command::Sandbox(cmd) => sandbox(cmd),
         Command::Image(cmd) => image(cmd),
         Command::Template(cmd) => template(cmd),
+        Command::Secret(cmd) => secret(cmd),
     }
 }
 
@@ -725,6 +742,67 @@ fn image(cmd: ImageCmd) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+struct SecretStatus {
+    service: String,
+    hosts: Vec<String>,
+    source: String,
+}
+
+fn secret(cmd: SecretCmd) -> Result<i32> {
+    let statuses: Vec<serde_json::Value> = match cmd {
+        SecretCmd::Set { service } => {
+            let key = read_key(&service)?;
+            call(&Request::SecretSet { name: service, key })?
+        }
+        SecretCmd::Rm { service } => call(&Request::SecretRm { name: service })?,
+        SecretCmd::Ls { json: true } => {
+            let v: Vec<serde_json::Value> = call(&Request::SecretLs)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(0);
+        }
+        SecretCmd::Ls { json: false } => call(&Request::SecretLs)?,
+    };
+    let rows: Vec<Vec<String>> = statuses
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<SecretStatus>(v).ok())
+        .map(|s| {
+            let set = if s.source.is_empty() {
+                "no".to_string()
+            } else {
+                format!("yes ({})", s.source)
+            };
+            vec![s.service, s.hosts.join(", "), set]
+        })
+        .collect();
+    table(&["SERVICE", "HOSTS", "KEY SET"], &rows);
+    Ok(0)
+}
+
+/// The key from stdin, without echoing it on a terminal.
+fn read_key(service: &str) -> Result<String> {
+    use std::io::BufRead;
+    let stdin = std::io::stdin();
+    let mut key = String::new();
+    if stdin.is_terminal() {
+        eprint!("Key for {service} (not shown): ");
+        let fd = std::os::fd::AsFd::as_fd(&stdin);
+        let saved = nix::sys::termios::tcgetattr(fd)?;
+        let mut quiet = saved.clone();
+        quiet
+            .local_flags
+            .remove(nix::sys::termios::LocalFlags::ECHO);
+        nix::sys::termios::tcsetattr(fd, nix::sys::termios::SetArg::TCSANOW, &quiet)?;
+        let read = stdin.lock().read_line(&mut key);
+        nix::sys::termios::tcsetattr(fd, nix::sys::termios::SetArg::TCSANOW, &saved)?;
+        eprintln!();
+        read?;
+    } else {
+        stdin.lock().read_line(&mut key)?;
+    }
+    Ok(key.trim().to_string())
 }
 
 fn template(cmd: TemplateCmd) -> Result<i32> {

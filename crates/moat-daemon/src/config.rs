@@ -25,13 +25,55 @@ pub struct Config {
 pub struct GatewayConfig {
     /// The preset new sandboxes start with: `balanced`, `deny-all` or `allow-all`.
     pub default_policy: String,
+    /// Names the gateway resolves itself: `name = "ADDRESS"` or `"ADDRESS:PORT"`.
+    pub hosts: std::collections::BTreeMap<String, String>,
+    /// PEM files of CAs to trust on the upstream side beyond the host's store.
+    pub extra_ca_certs: Vec<String>,
+    /// Services whose keys the gateway puts in, beyond the built-in ones.
+    pub services: Vec<moat_gateway::credentials::Service>,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             default_policy: "balanced".into(),
+            hosts: Default::default(),
+            extra_ca_certs: vec![],
+            services: vec![],
         }
+    }
+}
+
+/// A fixed address for a name, and optionally the port to dial instead.
+pub type StaticNames = std::collections::HashMap<String, (std::net::IpAddr, Option<u16>)>;
+
+impl GatewayConfig {
+    /// The static name map, parsed.
+    pub fn static_names(&self) -> Result<StaticNames, DaemonError> {
+        let mut out = StaticNames::new();
+        for (name, value) in &self.hosts {
+            let bad = || {
+                DaemonError::Config(format!(
+                    "gateway.hosts: {name} = {value:?} is not ADDRESS or ADDRESS:PORT"
+                ))
+            };
+            let parsed = match value.parse::<std::net::SocketAddr>() {
+                Ok(sa) => (sa.ip(), Some(sa.port())),
+                Err(_) => (
+                    value
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .parse()
+                        .map_err(|_| bad())?,
+                    None,
+                ),
+            };
+            let host = match moat_gateway::host::normalize(name).map_err(|_| bad())? {
+                moat_gateway::host::Host::Name(n) => n,
+                moat_gateway::host::Host::Ip(_) => return Err(bad()),
+            };
+            out.insert(host, parsed);
+        }
+        Ok(out)
     }
 }
 
@@ -143,6 +185,24 @@ impl Config {
         if let Some(v) = get("MOAT_GATEWAY_DEFAULT_POLICY") {
             self.gateway.default_policy = v;
         }
+        if let Some(v) = get("MOAT_GATEWAY_HOSTS") {
+            for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
+                let (name, addr) = pair.split_once('=').ok_or_else(|| {
+                    DaemonError::Config(format!(
+                        "MOAT_GATEWAY_HOSTS: {pair:?} is not NAME=ADDRESS[:PORT]"
+                    ))
+                })?;
+                self.gateway
+                    .hosts
+                    .insert(name.trim().to_string(), addr.trim().to_string());
+            }
+        }
+        if let Some(v) = get("MOAT_EXTRA_CA_CERTS") {
+            self.gateway
+                .extra_ca_certs
+                .extend(v.split(':').filter(|p| !p.is_empty()).map(String::from));
+        }
+        self.gateway.static_names()?;
         moat_gateway::Policy::preset(&self.gateway.default_policy)
             .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
         if let Some(v) = get("MOAT_MODEL_PORT") {

@@ -45,7 +45,8 @@ impl Daemon {
             .clone()
             .or_else(|| info.workspaces.first().map(|w| w.path.clone()));
         // The sandbox's own settings first, so that the caller's -e can override them.
-        let env = crate::network::sandbox_env()
+        let env = self
+            .sandbox_env()
             .into_iter()
             .chain(req.env.iter().cloned())
             .collect();

@@ -11,6 +11,7 @@ mod network;
 pub mod paths;
 mod ports;
 mod sandboxes;
+mod secrets;
 mod server;
 pub mod state;
 

@@ -18,8 +18,13 @@ use crate::DaemonError;
 /// The gateway's port inside every sandbox.
 pub const GATEWAY_PORT: u16 = 3128;
 
-/// The proxy settings every process in a sandbox gets.
-pub fn sandbox_env() -> Vec<String> {
+/// Where a sandbox's CA certificate and the bundle that includes it appear inside.
+pub const CA_CERT_INSIDE: &str = "/usr/local/share/ca-certificates/moat-proxy-ca.crt";
+pub const CA_BUNDLE_INSIDE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The settings every process in a sandbox gets: the proxy, the CA bundle,
+/// and `proxy-managed` in each key variable the host has a key for.
+pub fn sandbox_env(key_vars: &[String]) -> Vec<String> {
     let proxy = format!("http://host.docker.internal:{GATEWAY_PORT}");
     let mut env = Vec::new();
     for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
@@ -27,6 +32,12 @@ pub fn sandbox_env() -> Vec<String> {
     }
     for key in ["NO_PROXY", "no_proxy"] {
         env.push(format!("{key}=localhost,127.0.0.1,::1"));
+    }
+    env.push(format!("SSL_CERT_FILE={CA_BUNDLE_INSIDE}"));
+    env.push(format!("REQUESTS_CA_BUNDLE={CA_BUNDLE_INSIDE}"));
+    env.push(format!("NODE_EXTRA_CA_CERTS={CA_CERT_INSIDE}"));
+    for var in key_vars {
+        env.push(format!("{var}={}", moat_gateway::credentials::PLACEHOLDER));
     }
     env
 }
@@ -84,9 +95,91 @@ impl Daemon {
             .map_err(|e| sys("listen", e))?;
         let listener = std::net::TcpListener::from(fd);
         let policy = self.policy_of(id)?;
+        let ca = self.sandbox_ca(id)?;
         self.gateway()
-            .attach(id, name, policy, listener)
-            .map_err(|e| DaemonError::io("gateway", e))
+            .attach(id, name, policy, Some(&ca), listener)
+            .map_err(|e| DaemonError::io("gateway", std::io::Error::other(e)))
+    }
+
+    /// The sandbox's CA, made on first use; its key stays in the sandbox's
+    /// state directory on the host, readable by the daemon's user only.
+    pub(crate) fn sandbox_ca(&self, id: &str) -> Result<moat_gateway::tls::CaPem, DaemonError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.paths().sandbox_state(id);
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if let (Ok(cert), Ok(key)) = (
+            std::fs::read_to_string(&cert_path),
+            std::fs::read_to_string(&key_path),
+        ) {
+            return Ok(moat_gateway::tls::CaPem { cert, key });
+        }
+        let name = self
+            .state()
+            .all()?
+            .into_iter()
+            .find(|r| r.info.id == id)
+            .map(|r| r.info.name)
+            .unwrap_or_default();
+        let ca = moat_gateway::tls::new_ca(&name).map_err(|e| DaemonError::State(e.to_string()))?;
+        let write = |path: &std::path::Path, text: &str, mode: u32| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(path)?;
+            f.write_all(text.as_bytes())
+        };
+        write(&key_path, &ca.key, 0o600)
+            .map_err(|e| DaemonError::io("write the sandbox's CA key", e))?;
+        write(&cert_path, &ca.cert, 0o644)
+            .map_err(|e| DaemonError::io("write the sandbox's CA", e))?;
+        Ok(ca)
+    }
+
+    /// Read the keys again (secrets file and environment) and hand them to the gateway.
+    pub(crate) fn refresh_credentials(&self) {
+        let services = crate::secrets::all_services(&self.config().gateway.services);
+        let creds = self
+            .secrets()
+            .credentials(&services, |v| std::env::var(v).ok());
+        let mut vars: Vec<String> = creds
+            .iter()
+            .flat_map(|(c, _)| c.service.env.clone())
+            .collect();
+        vars.sort();
+        vars.dedup();
+        self.gateway()
+            .set_credentials(creds.into_iter().map(|(c, _)| c).collect());
+        *self.key_vars.lock().unwrap_or_else(|p| p.into_inner()) = vars;
+    }
+
+    /// The environment of every process started in a sandbox.
+    pub(crate) fn sandbox_env(&self) -> Vec<String> {
+        sandbox_env(&self.key_vars.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn secret_set(
+        &self,
+        name: &str,
+        key: &str,
+    ) -> Result<Vec<crate::secrets::SecretStatus>, DaemonError> {
+        let services = crate::secrets::all_services(&self.config().gateway.services);
+        self.secrets().set(&services, name, key)?;
+        self.refresh_credentials();
+        self.secret_ls()
+    }
+
+    pub fn secret_rm(&self, name: &str) -> Result<Vec<crate::secrets::SecretStatus>, DaemonError> {
+        self.secrets().remove(name)?;
+        self.refresh_credentials();
+        self.secret_ls()
+    }
+
+    pub fn secret_ls(&self) -> Result<Vec<crate::secrets::SecretStatus>, DaemonError> {
+        let services = crate::secrets::all_services(&self.config().gateway.services);
+        Ok(self.secrets().status(&services, |v| std::env::var(v).ok()))
     }
 
     pub fn network_proxy(

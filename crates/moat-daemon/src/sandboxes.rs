@@ -54,6 +54,9 @@ pub struct Daemon {
     image_lock: Mutex<()>,
     live: Arc<Mutex<HashMap<String, Live>>>,
     gateway: Arc<moat_gateway::Gateway>,
+    secrets: crate::secrets::Secrets,
+    /// The key variables that hold the placeholder inside sandboxes.
+    pub(crate) key_vars: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,10 +93,19 @@ impl Daemon {
         let sink: moat_gateway::LogSink = Arc::new(move |entry| {
             let _ = lock(&log).send(entry);
         });
+        let extra_ca: Vec<PathBuf> = config
+            .gateway
+            .extra_ca_certs
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let extra_ca: Vec<&Path> = extra_ca.iter().map(PathBuf::as_path).collect();
         let gateway = Arc::new(
-            moat_gateway::Gateway::new(sink)
-                .map_err(|e| DaemonError::io("start the gateway", e))?,
+            moat_gateway::Gateway::new(sink, &extra_ca)
+                .map_err(|e| DaemonError::Config(format!("the gateway: {e}")))?,
         );
+        gateway.set_static_names(config.gateway.static_names()?);
+        let secrets = crate::secrets::Secrets::new(paths.state.join("secrets.json"));
         Ok(Daemon {
             hierarchy: moat_sandbox::cgroup::detect(rootless),
             paths,
@@ -105,7 +117,13 @@ impl Daemon {
             image_lock: Mutex::new(()),
             live: Arc::new(Mutex::new(HashMap::new())),
             gateway,
+            secrets,
+            key_vars: Mutex::new(Vec::new()),
         })
+    }
+
+    pub(crate) fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
@@ -312,7 +330,7 @@ impl Daemon {
         let run_dir = self.paths.sandbox_runtime(&id);
         fs::create_dir_all(run_dir.join("rootfs"))
             .map_err(|e| DaemonError::io(format!("create {}", run_dir.display()), e))?;
-        let etc = self.write_etc_files(&row.info, &run_dir)?;
+        let etc = self.write_etc_files(&row.info, &run_dir, &lower_dirs)?;
         let state_dir = self.paths.sandbox_state(&id);
         let spec = SandboxSpec {
             id: id.clone(),
@@ -411,27 +429,52 @@ impl Daemon {
         Ok(())
     }
 
+    /// Files the sandbox gets from the daemon, bound read-only: its name in
+    /// `/etc`, and its CA in the trust store (alone, and appended to the
+    /// image's bundle).
     fn write_etc_files(
         &self,
         info: &SandboxInfo,
         run_dir: &Path,
+        lower_dirs: &[PathBuf],
     ) -> Result<Vec<BindMount>, DaemonError> {
+        let ca = self.sandbox_ca(&info.id)?;
+        let image_bundle = lower_dirs
+            .iter()
+            .rev()
+            .find_map(|d| {
+                fs::read_to_string(d.join(crate::network::CA_BUNDLE_INSIDE.trim_start_matches('/')))
+                    .ok()
+            })
+            .unwrap_or_default();
+        let hosts = format!(
+            "127.0.0.1\tlocalhost {name}\n127.0.0.1\thost.docker.internal model-runner.docker.internal\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            name = info.name
+        );
+        let resolv = "# moat: the sandbox has no DNS of its own; the egress gateway resolves names.\noptions ndots:0\n";
         let files = [
-            ("hosts", format!(
-                "127.0.0.1\tlocalhost {name}\n127.0.0.1\thost.docker.internal model-runner.docker.internal\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-                name = info.name
-            )),
-            ("hostname", format!("{}\n", info.name)),
-            ("resolv.conf", "# moat: the sandbox has no DNS of its own; the egress gateway resolves names.\noptions ndots:0\n".to_string()),
+            ("hosts", "/etc/hosts", hosts),
+            ("hostname", "/etc/hostname", format!("{}\n", info.name)),
+            ("resolv.conf", "/etc/resolv.conf", resolv.to_string()),
+            (
+                "moat-proxy-ca.crt",
+                crate::network::CA_CERT_INSIDE,
+                ca.cert.clone(),
+            ),
+            (
+                "ca-bundle.crt",
+                crate::network::CA_BUNDLE_INSIDE,
+                format!("{image_bundle}{}", ca.cert),
+            ),
         ];
         let mut binds = Vec::new();
-        for (name, text) in files {
+        for (name, target, text) in files {
             let path = run_dir.join(name);
             fs::write(&path, text)
                 .map_err(|e| DaemonError::io(format!("write {}", path.display()), e))?;
             binds.push(BindMount {
                 source: path,
-                target: PathBuf::from("/etc").join(name),
+                target: PathBuf::from(target),
                 read_only: true,
             });
         }

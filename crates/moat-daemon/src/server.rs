@@ -40,6 +40,7 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
         .map_err(|e| DaemonError::io(format!("chmod {}", socket.display()), e))?;
 
     let daemon = Arc::new(Daemon::open(paths.clone(), config)?);
+    daemon.refresh_credentials();
     daemon.reconcile()?;
     tracing::info!(socket = %socket.display(), "moat daemon ready");
 
@@ -158,6 +159,9 @@ fn dispatch(
         Request::NetworkLog { name, limit } => {
             to_value(daemon.network_log(name.as_deref(), limit)?)
         }
+        Request::SecretSet { name, key } => to_value(daemon.secret_set(&name, &key)?),
+        Request::SecretRm { name } => to_value(daemon.secret_rm(&name)?),
+        Request::SecretLs => to_value(daemon.secret_ls()?),
         Request::ImageList => to_value(daemon.image_list()?),
         Request::ImageRm { reference } => to_value(daemon.image_rm(&reference)?),
         Request::ImageImport { path, reference } => {

@@ -6,12 +6,14 @@
 //! connection and request in a log the daemon keeps. It knows nothing of how
 //! sandboxes are made: it is handed listening sockets and a policy.
 
+pub mod credentials;
 pub mod host;
 pub mod log;
 pub mod policy;
 mod proxy;
 pub mod ranges;
+pub mod tls;
 
 pub use log::{LogEntry, LogSink};
 pub use policy::{Action, Policy, Rule, Verdict};
-pub use proxy::Gateway;
+pub use proxy::{Gateway, GatewayError};

@@ -1,7 +1,10 @@
 //! The forward proxy behind each sandbox's door: HTTP/1.1 with keep-alive on
-//! both sides, and CONNECT tunnels. Every request is decided by the sandbox's
+//! both sides, and CONNECT. Every request is decided by the sandbox's
 //! policy, resolved and checked here, dialled at exactly the checked
-//! address, and logged.
+//! address, and logged. CONNECT tunnels that carry TLS are intercepted with
+//! the sandbox's CA (unless a bypass rule says otherwise), so that the
+//! gateway sees each request, refuses domain fronting, and puts API keys in;
+//! anything else is tunnelled as it is.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,11 +23,15 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::credentials::{for_host, redact_headers, Credential, Redacted};
 use crate::host::{normalize, split_host_port, Host};
 use crate::log::{now_rfc3339, LogEntry, LogSink};
-use crate::policy::{Policy, Verdict};
+use crate::policy::{Action, Policy, Verdict};
+use crate::tls::{CaPem, Leaves};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -37,33 +44,67 @@ const MAX_HEAD: usize = 64 * 1024;
 struct Gate {
     name: String,
     policy: RwLock<Policy>,
+    /// Leaf certificates from the sandbox's CA; without a CA nothing is intercepted.
+    leaves: Option<Arc<Leaves>>,
     stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// What every connection of every sandbox shares.
+struct Shared {
+    sink: LogSink,
+    /// Names the gateway resolves itself (split-horizon set-ups, tests):
+    /// an address, and optionally the port to dial instead.
+    names: RwLock<HashMap<String, (IpAddr, Option<u16>)>>,
+    local: Vec<IpAddr>,
+    client_tls: Arc<rustls::ClientConfig>,
+    credentials: RwLock<Arc<Vec<Credential>>>,
 }
 
 /// The gateway: its own runtime, and the sandboxes it serves.
 pub struct Gateway {
     runtime: tokio::runtime::Runtime,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
-    sink: LogSink,
-    local: Arc<Vec<IpAddr>>,
+    shared: Arc<Shared>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot start the gateway's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot serve the door: {0}")]
+    Door(std::io::Error),
+}
+
 impl Gateway {
-    pub fn new(sink: LogSink) -> std::io::Result<Gateway> {
+    /// `extra_ca` are PEM files of CAs to trust upstream beyond the host's store.
+    pub fn new(sink: LogSink, extra_ca: &[&std::path::Path]) -> Result<Gateway, GatewayError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("moat-gateway")
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(GatewayError::Runtime)?;
+        let shared = Shared {
+            sink,
+            local: crate::ranges::local_addresses(),
+            client_tls: crate::tls::client_config(extra_ca)?,
+            names: RwLock::new(HashMap::new()),
+            credentials: RwLock::new(Arc::new(Vec::new())),
+        };
         Ok(Gateway {
             runtime,
             gates: Mutex::new(HashMap::new()),
-            sink,
-            local: Arc::new(crate::ranges::local_addresses()),
+            shared: Arc::new(shared),
         })
     }
 
@@ -73,28 +114,30 @@ impl Gateway {
         id: &str,
         name: &str,
         policy: Policy,
+        ca: Option<&CaPem>,
         listener: std::net::TcpListener,
-    ) -> std::io::Result<()> {
-        listener.set_nonblocking(true)?;
+    ) -> Result<(), GatewayError> {
+        listener.set_nonblocking(true).map_err(GatewayError::Door)?;
+        let leaves = ca.map(Leaves::new).transpose()?.map(Arc::new);
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let gate = Arc::new(Gate {
             name: name.to_string(),
             policy: RwLock::new(policy),
+            leaves,
             stop,
         });
         if let Some(old) = lock(&self.gates).insert(id.to_string(), Arc::clone(&gate)) {
             let _ = old.stop.send(true);
         }
-        let sink = Arc::clone(&self.sink);
-        let local = Arc::clone(&self.local);
+        let shared = Arc::clone(&self.shared);
         let _enter = self.runtime.enter();
-        let listener = TcpListener::from_std(listener)?;
+        let listener = TcpListener::from_std(listener).map_err(GatewayError::Door)?;
         self.runtime.spawn(async move {
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
-                        let conn = Conn { gate: Arc::clone(&gate), sink: Arc::clone(&sink), local: Arc::clone(&local), upstream: Arc::new(tokio::sync::Mutex::new(None)) };
+                        let conn = Conn::new(Arc::clone(&gate), Arc::clone(&shared));
                         let mut stopped = stopped.clone();
                         tokio::spawn(async move {
                             tokio::select! {
@@ -117,6 +160,20 @@ impl Gateway {
         }
     }
 
+    /// Names resolved to fixed addresses (and ports) instead of by DNS.
+    pub fn set_static_names(&self, names: HashMap<String, (IpAddr, Option<u16>)>) {
+        *self.shared.names.write().unwrap_or_else(|p| p.into_inner()) = names;
+    }
+
+    /// The keys to put in, for every sandbox.
+    pub fn set_credentials(&self, credentials: Vec<Credential>) {
+        *self
+            .shared
+            .credentials
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
+    }
+
     /// Stop serving a sandbox; its open connections end.
     pub fn detach(&self, id: &str) {
         if let Some(gate) = lock(&self.gates).remove(id) {
@@ -125,15 +182,14 @@ impl Gateway {
     }
 }
 
-/// An open upstream connection and the address it goes to.
+/// An open upstream connection and where it goes.
 type Upstream = (SocketAddr, SendRequest<Counted<Incoming>>);
 
-/// One client connection through a door.
+/// One client connection through a door (or one intercepted tunnel).
 #[derive(Clone)]
 struct Conn {
     gate: Arc<Gate>,
-    sink: LogSink,
-    local: Arc<Vec<IpAddr>>,
+    shared: Arc<Shared>,
     /// The upstream connection of the last request, kept alive for the next.
     upstream: Arc<tokio::sync::Mutex<Option<Upstream>>>,
 }
@@ -153,13 +209,26 @@ fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
 }
 
 /// Where a request wants to go.
+#[derive(Clone)]
 struct Target {
     host: Host,
     port: u16,
 }
 
+/// The host's name inside means the host's loopback, as in Docker's sandboxes.
+fn loopback_alias(host: Host) -> Host {
+    if host == Host::Name("host.docker.internal".into()) {
+        Host::Name("localhost".into())
+    } else {
+        host
+    }
+}
+
 fn request_target(req: &Request<Incoming>) -> Result<Target, String> {
-    let authority = req.uri().authority().ok_or("no host in the request target: send absolute-form requests (http://host/path) or CONNECT host:port")?;
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or("no host in the request target: send absolute-form requests (http://host/path) or CONNECT host:port")?;
     let (host, port) =
         split_host_port(authority.as_str()).ok_or("bad host in the request target")?;
     let port = match (
@@ -177,12 +246,26 @@ fn request_target(req: &Request<Incoming>) -> Result<Target, String> {
             )
         }
     };
-    let mut host = normalize(host).map_err(|e| e.to_string())?;
-    // As in Docker's sandboxes: the host's name inside means the host's loopback.
-    if host == Host::Name("host.docker.internal".into()) {
-        host = Host::Name("localhost".into());
-    }
-    Ok(Target { host, port })
+    Ok(Target {
+        host: loopback_alias(normalize(host).map_err(|e| e.to_string())?),
+        port,
+    })
+}
+
+/// Whether a Host header names `target` (its port defaulting to `default_port`).
+fn host_header_matches(headers: &HeaderMap, target: &Target, default_port: u16) -> bool {
+    let Some(h) = headers.get(header::HOST) else {
+        return true;
+    };
+    h.to_str()
+        .ok()
+        .and_then(split_host_port)
+        .and_then(|(hh, p)| {
+            normalize(hh)
+                .ok()
+                .map(|n| (loopback_alias(n), p.unwrap_or(default_port)))
+        })
+        .is_some_and(|(n, p)| n == target.host && p == target.port)
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -210,7 +293,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// How a request goes upstream.
+struct Route {
+    target: Target,
+    addr: SocketAddr,
+    verdict: Verdict,
+    /// TLS to the upstream with this name, for intercepted requests.
+    tls: Option<ServerName<'static>>,
+}
+
 impl Conn {
+    fn new(gate: Arc<Gate>, shared: Arc<Shared>) -> Conn {
+        Conn {
+            gate,
+            shared,
+            upstream: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    fn sink(&self, entry: LogEntry) {
+        (self.shared.sink)(entry)
+    }
+
     async fn serve(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let me = self.clone();
@@ -218,10 +322,7 @@ impl Conn {
             let me = me.clone();
             async move { Ok::<_, Infallible>(me.handle(req).await) }
         });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEAD)
+        let _ = http1_server()
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades()
             .await;
@@ -266,15 +367,24 @@ impl Conn {
         let (addr, verdict) = match self.admit(&target).await {
             Ok(ok) => ok,
             Err((verdict, resp)) => {
-                (self.sink)(self.entry(&method, &target, path, &verdict, resp.status().as_u16()));
+                self.sink(self.entry(&method, &target, path, &verdict, resp.status().as_u16()));
                 return resp;
             }
         };
         if req.method() == Method::CONNECT {
-            self.tunnel(req, target, addr, verdict, started).await
-        } else {
-            self.forward(req, target, addr, verdict, started).await
+            return self.tunnel(req, target, addr, verdict, started).await;
         }
+        if !host_header_matches(req.headers(), &target, 80) {
+            self.sink(self.entry(&method, &target, path, &verdict, 421));
+            return misdirected();
+        }
+        let route = Route {
+            target,
+            addr,
+            verdict,
+            tls: None,
+        };
+        self.forward_with(req, &route, None, None, started).await
     }
 
     /// Decide, resolve and check: the address to dial and the verdict, or the refusal.
@@ -282,18 +392,18 @@ impl Conn {
         &self,
         target: &Target,
     ) -> Result<(SocketAddr, Verdict), (Verdict, Response<ProxyBody>)> {
-        let policy = self
-            .gate
-            .policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let policy = read(&self.gate.policy).clone();
         let host_verdict = policy.decide_host(&target.host, target.port);
         if !host_verdict.allowed() {
             let resp = self.forbidden(target, &host_verdict);
             return Err((host_verdict, resp));
         }
+        let fixed = match &target.host {
+            Host::Name(n) => read(&self.shared.names).get(n).copied(),
+            Host::Ip(_) => None,
+        };
         let addrs: Vec<IpAddr> = match &target.host {
+            _ if fixed.is_some() => fixed.iter().map(|(ip, _)| *ip).collect(),
             Host::Ip(ip) => vec![*ip],
             Host::Name(n) if n == "localhost" => vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             Host::Name(n) => match tokio::net::lookup_host((n.as_str(), target.port)).await {
@@ -306,10 +416,11 @@ impl Conn {
         };
         let mut refusal = None;
         for ip in addrs {
-            let verdict = policy.decide_address(&host_verdict, ip, &self.local);
+            let verdict = policy.decide_address(&host_verdict, ip, &self.shared.local);
             if verdict.allowed() {
+                let port = fixed.and_then(|(_, p)| p).unwrap_or(target.port);
                 return Ok((
-                    SocketAddr::new(crate::host::canonical_ip(ip), target.port),
+                    SocketAddr::new(crate::host::canonical_ip(ip), port),
                     verdict,
                 ));
             }
@@ -364,28 +475,49 @@ impl Conn {
         verdict: Verdict,
         started: Instant,
     ) -> Response<ProxyBody> {
-        let mut upstream = match self.dial(&target, addr).await {
+        let upstream = match self.dial(&target, addr).await {
             Ok(s) => s,
             Err(resp) => {
-                (self.sink)(self.entry("CONNECT", &target, None, &verdict, 502));
+                self.sink(self.entry("CONNECT", &target, None, &verdict, 502));
                 return resp;
             }
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let mut entry = self.entry("CONNECT", &target, None, &verdict, 200);
-        let sink = Arc::clone(&self.sink);
+        let me = self.clone();
         tokio::spawn(async move {
-            if let Ok(upgraded) = on_upgrade.await {
-                let mut client = TokioIo::new(upgraded);
-                if let Ok((up, down)) =
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                {
-                    entry.bytes_up = up;
-                    entry.bytes_down = down;
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut client = TokioIo::new(upgraded);
+            // Peek at the first byte: a TLS handshake starts with 0x16.
+            let mut first = [0u8; 1];
+            let n = client.read(&mut first).await.unwrap_or(0);
+            let client = Prefixed {
+                prefix: first[..n].to_vec(),
+                inner: client,
+            };
+            let leaves = me
+                .gate
+                .leaves
+                .clone()
+                .filter(|_| verdict.action != Action::Bypass);
+            match leaves {
+                Some(leaves) if n == 1 && first[0] == 0x16 => {
+                    me.intercept(
+                        client,
+                        upstream,
+                        leaves,
+                        Route {
+                            target,
+                            addr,
+                            verdict,
+                            tls: None,
+                        },
+                    )
+                    .await
                 }
+                _ => me.pipe(client, upstream, target, verdict, started).await,
             }
-            entry.duration_ms = started.elapsed().as_millis() as u64;
-            sink(entry);
         });
         Response::new(
             http_body_util::Empty::new()
@@ -394,44 +526,112 @@ impl Conn {
         )
     }
 
-    async fn forward(
+    /// Bytes both ways, untouched: bypassed hosts and what is not TLS.
+    async fn pipe(
+        &self,
+        mut client: Prefixed<TokioIo<hyper::upgrade::Upgraded>>,
+        mut upstream: TcpStream,
+        target: Target,
+        verdict: Verdict,
+        started: Instant,
+    ) {
+        let mut entry = self.entry("CONNECT", &target, None, &verdict, 200);
+        if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            entry.bytes_up = up;
+            entry.bytes_down = down;
+        }
+        entry.duration_ms = started.elapsed().as_millis() as u64;
+        self.sink(entry);
+    }
+
+    /// Terminate the client's TLS with a leaf from the sandbox's CA and serve
+    /// its requests one by one, each decided, logged and sent on over TLS.
+    async fn intercept(
+        &self,
+        client: Prefixed<TokioIo<hyper::upgrade::Upgraded>>,
+        upstream: TcpStream,
+        leaves: Arc<Leaves>,
+        mut route: Route,
+    ) {
+        let name = match &route.target.host {
+            Host::Name(n) => n.clone(),
+            Host::Ip(ip) => ip.to_string(),
+        };
+        let Ok(config) = crate::tls::server_config(&leaves, &name) else {
+            return;
+        };
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(client).await else {
+            self.sink(self.entry("CONNECT", &route.target, None, &route.verdict, 400));
+            return;
+        };
+        // The name in the TLS handshake must be the CONNECT target: no domain fronting.
+        let sni_ok = tls.get_ref().1.server_name().is_none_or(|sni| {
+            normalize(sni).ok().map(loopback_alias) == Some(route.target.host.clone())
+        });
+        route.tls = ServerName::try_from(name).ok();
+        let inner = Conn::new(Arc::clone(&self.gate), Arc::clone(&self.shared));
+        let route = Arc::new(route);
+        let first = Arc::new(Mutex::new(Some(upstream)));
+        let service = service_fn(move |req: Request<Incoming>| {
+            let inner = inner.clone();
+            let route = Arc::clone(&route);
+            let first = Arc::clone(&first);
+            async move {
+                Ok::<_, Infallible>(inner.handle_intercepted(req, &route, sni_ok, &first).await)
+            }
+        });
+        let _ = http1_server()
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    }
+
+    async fn handle_intercepted(
         &self,
         req: Request<Incoming>,
-        target: Target,
-        addr: SocketAddr,
-        verdict: Verdict,
+        route: &Route,
+        sni_ok: bool,
+        first: &Mutex<Option<TcpStream>>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        if !sni_ok || !host_header_matches(req.headers(), &route.target, 443) {
+            self.sink(self.entry(&method, &route.target, Some(path), &route.verdict, 421));
+            return misdirected();
+        }
+        // A policy change applies to the next request, also inside a tunnel.
+        let verdict = read(&self.gate.policy).decide_host(&route.target.host, route.target.port);
+        if !verdict.allowed() {
+            self.sink(self.entry(&method, &route.target, Some(path), &verdict, 403));
+            return self.forbidden(&route.target, &verdict);
+        }
+        let credential = match &route.target.host {
+            Host::Name(n) => for_host(&read(&self.shared.credentials), n).cloned(),
+            Host::Ip(_) => None,
+        };
+        let pre_dialed = lock(first).take();
+        self.forward_with(req, route, credential.as_ref(), pre_dialed, started)
+            .await
+    }
+
+    /// Send a request on (plain or over TLS), keeping the upstream connection
+    /// for the next request; with a credential, put the key in and keep it
+    /// from flowing back.
+    async fn forward_with(
+        &self,
+        req: Request<Incoming>,
+        route: &Route,
+        credential: Option<&Credential>,
+        pre_dialed: Option<TcpStream>,
         started: Instant,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();
-        // The Host header, where the client sent one, must name the same place as the target.
-        if let Some(h) = parts.headers.get(header::HOST) {
-            let same = h
-                .to_str()
-                .ok()
-                .and_then(split_host_port)
-                .and_then(|(hh, p)| normalize(hh).ok().map(|n| (n, p.unwrap_or(80))))
-                .is_some_and(|(n, p)| {
-                    let n = if n == Host::Name("host.docker.internal".into()) {
-                        Host::Name("localhost".into())
-                    } else {
-                        n
-                    };
-                    n == target.host && p == target.port
-                });
-            if !same {
-                (self.sink)(self.entry(parts.method.as_str(), &target, Some(path), &verdict, 421));
-                return text_response(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "moat: the Host header and the request target name different hosts\n".into(),
-                );
-            }
-        }
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
+        let method = parts.method.to_string();
+        let authority = match parts.uri.authority() {
+            Some(a) => a.as_str().to_string(),
+            None => route.target.host.to_string(),
+        };
         parts.uri = match parts
             .uri
             .path_and_query()
@@ -446,9 +646,11 @@ impl Conn {
                 parts.headers.insert(header::HOST, v);
             }
         }
+        if let Some(c) = credential {
+            c.inject(&mut parts.headers);
+        }
         let up = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicU64::new(0));
-        let method = parts.method.to_string();
         let req = Request::from_parts(
             parts,
             Counted {
@@ -457,42 +659,85 @@ impl Conn {
                 guard: None,
             },
         );
+        let failed = |me: &Conn, why: String| {
+            me.sink(me.entry(
+                &method,
+                &route.target,
+                Some(path.clone()),
+                &route.verdict,
+                502,
+            ));
+            text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("moat: {}:{}: {why}\n", route.target.host, route.target.port),
+            )
+        };
 
         let mut cache = self.upstream.lock().await;
         let mut sender = match cache.take() {
-            Some((a, s)) if a == addr && !s.is_closed() => s,
-            _ => match self.dial(&target, addr).await {
-                Ok(stream) => {
-                    match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                        Ok((s, conn)) => {
-                            tokio::spawn(conn);
-                            s
+            Some((a, s)) if a == route.addr && !s.is_closed() => s,
+            _ => {
+                let stream = match pre_dialed {
+                    Some(s) => s,
+                    None => match self.dial(&route.target, route.addr).await {
+                        Ok(s) => s,
+                        Err(resp) => {
+                            self.sink(self.entry(
+                                &method,
+                                &route.target,
+                                Some(path),
+                                &route.verdict,
+                                502,
+                            ));
+                            return resp;
                         }
-                        Err(e) => return self.upstream_failed(&method, &target, path, &verdict, e),
+                    },
+                };
+                let handshake = match &route.tls {
+                    None => hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map(|(s, c)| {
+                            tokio::spawn(c);
+                            s
+                        }),
+                    Some(name) => {
+                        let connector =
+                            tokio_rustls::TlsConnector::from(Arc::clone(&self.shared.client_tls));
+                        match connector.connect(name.clone(), stream).await {
+                            Ok(tls) => hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                                .await
+                                .map(|(s, c)| {
+                                    tokio::spawn(c);
+                                    s
+                                }),
+                            Err(e) => {
+                                return failed(self, format!("TLS with the server failed: {e}"))
+                            }
+                        }
                     }
+                };
+                match handshake {
+                    Ok(s) => s,
+                    Err(e) => return failed(self, e.to_string()),
                 }
-                Err(resp) => {
-                    (self.sink)(self.entry(&method, &target, Some(path), &verdict, 502));
-                    return resp;
-                }
-            },
+            }
         };
         if let Err(e) = sender.ready().await {
-            return self.upstream_failed(&method, &target, path, &verdict, e);
+            return failed(self, e.to_string());
         }
         let resp = match sender.send_request(req).await {
             Ok(r) => r,
-            Err(e) => return self.upstream_failed(&method, &target, path, &verdict, e),
+            Err(e) => return failed(self, e.to_string()),
         };
-        *cache = Some((addr, sender));
+        *cache = Some((route.addr, sender));
         drop(cache);
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let entry = self.entry(
             &method,
-            &target,
+            &route.target,
             Some(path),
-            &verdict,
+            &route.verdict,
             parts.status.as_u16(),
         );
         let guard = Arc::new(LogGuard {
@@ -500,32 +745,62 @@ impl Conn {
             up,
             down: Arc::clone(&down),
             started,
-            sink: Arc::clone(&self.sink),
+            sink: Arc::clone(&self.shared.sink),
         });
-        Response::from_parts(
-            parts,
-            Counted {
-                inner: body,
-                count: down,
-                guard: Some(guard),
+        let counted = Counted {
+            inner: body,
+            count: down,
+            guard: Some(guard),
+        };
+        match credential {
+            Some(c) => {
+                // Whatever echoes the key back gets the placeholder; the length changes with it.
+                let secrets = c.secrets();
+                redact_headers(&mut parts.headers, &secrets);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Redacted::new(counted, secrets).boxed())
             }
-            .boxed(),
-        )
+            None => Response::from_parts(parts, counted.boxed()),
+        }
     }
+}
 
-    fn upstream_failed(
-        &self,
-        method: &str,
-        target: &Target,
-        path: String,
-        verdict: &Verdict,
-        e: hyper::Error,
-    ) -> Response<ProxyBody> {
-        (self.sink)(self.entry(method, target, Some(path), verdict, 502));
-        text_response(
-            StatusCode::BAD_GATEWAY,
-            format!("moat: {}:{} failed: {e}\n", target.host, target.port),
-        )
+/// A stream with bytes already read from it put back in front.
+struct Prefixed<T> {
+    prefix: Vec<u8>,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -553,7 +828,8 @@ impl Drop for LogGuard {
 struct Counted<B> {
     inner: B,
     count: Arc<AtomicU64>,
-    #[allow(dead_code)] // held for its Drop
+    /// Held for its Drop: the log row is written when the body goes.
+    #[allow(dead_code)]
     guard: Option<Arc<LogGuard>>,
 }
 
@@ -582,4 +858,20 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Builder for the proxy's HTTP/1.1 server side.
+fn http1_server() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    b
+}
+
+fn misdirected() -> Response<ProxyBody> {
+    text_response(
+        StatusCode::MISDIRECTED_REQUEST,
+        "moat: the Host header, the TLS server name and the CONNECT target must name the same host\n".into(),
+    )
 }

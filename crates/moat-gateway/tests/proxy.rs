@@ -57,10 +57,10 @@ struct Setup {
 fn setup(policy: Policy) -> Setup {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink_log = Arc::clone(&log);
-    let gateway = Gateway::new(Arc::new(move |e| sink_log.lock().unwrap().push(e))).unwrap();
+    let gateway = Gateway::new(Arc::new(move |e| sink_log.lock().unwrap().push(e)), &[]).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy = l.local_addr().unwrap().port();
-    gateway.attach("id1", "demo", policy, l).unwrap();
+    gateway.attach("id1", "demo", policy, None, l).unwrap();
     Setup {
         gateway,
         proxy,

@@ -1,0 +1,393 @@
+//! API keys the sandbox never holds. The service table is data: which hosts
+//! a key is for and how it goes in a request. Inside a sandbox each key's
+//! variable holds [`PLACEHOLDER`]; on the way out, over intercepted TLS to a
+//! matching host only, the gateway drops every credential header the sandbox
+//! sent and puts the real key in, and it replaces the key with the
+//! placeholder in anything that comes back.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use serde::{Deserialize, Serialize};
+
+/// What the sandbox sees where a key would be.
+pub const PLACEHOLDER: &str = "proxy-managed";
+
+/// Request headers that carry credentials: all of them go before the real one goes in.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "api-key",
+    "proxy-authorization",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// The name `moat secret set` takes.
+    pub name: String,
+    /// Host environment variables the daemon reads the key from, first found wins.
+    pub env: Vec<String>,
+    /// Exact host names the key is for.
+    pub hosts: Vec<String>,
+    /// The request header that carries it.
+    pub header: String,
+    /// The header's value: `{key}` stands for the key; `basic:USER` makes HTTP basic auth as USER.
+    pub format: String,
+}
+
+fn svc(name: &str, env: &[&str], hosts: &[&str], header: &str, format: &str) -> Service {
+    Service {
+        name: name.into(),
+        env: env.iter().map(|s| s.to_string()).collect(),
+        hosts: hosts.iter().map(|s| s.to_string()).collect(),
+        header: header.into(),
+        format: format.into(),
+    }
+}
+
+/// The services moat knows; the configuration file can add more.
+pub fn builtin_services() -> Vec<Service> {
+    vec![
+        svc(
+            "anthropic",
+            &["ANTHROPIC_API_KEY"],
+            &["api.anthropic.com"],
+            "x-api-key",
+            "{key}",
+        ),
+        svc(
+            "openai",
+            &["OPENAI_API_KEY"],
+            &["api.openai.com"],
+            "authorization",
+            "Bearer {key}",
+        ),
+        svc(
+            "gemini",
+            &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+            &["generativelanguage.googleapis.com"],
+            "x-goog-api-key",
+            "{key}",
+        ),
+        svc(
+            "github",
+            &["GH_TOKEN", "GITHUB_TOKEN"],
+            &["api.github.com"],
+            "authorization",
+            "Bearer {key}",
+        ),
+        // git over HTTPS takes the same token as basic auth.
+        svc(
+            "github",
+            &["GH_TOKEN", "GITHUB_TOKEN"],
+            &["github.com"],
+            "authorization",
+            "basic:x-access-token",
+        ),
+        svc(
+            "mistral",
+            &["MISTRAL_API_KEY"],
+            &["api.mistral.ai"],
+            "authorization",
+            "Bearer {key}",
+        ),
+        svc(
+            "groq",
+            &["GROQ_API_KEY"],
+            &["api.groq.com"],
+            "authorization",
+            "Bearer {key}",
+        ),
+        svc(
+            "xai",
+            &["XAI_API_KEY"],
+            &["api.x.ai"],
+            "authorization",
+            "Bearer {key}",
+        ),
+    ]
+}
+
+/// A service with its key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub service: Service,
+    pub key: String,
+}
+
+impl std::fmt::Debug for Credential {
+    // Never print a key, not even in a debug dump.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({})", self.service.name)
+    }
+}
+
+impl Credential {
+    fn header_value(&self) -> String {
+        match self.service.format.strip_prefix("basic:") {
+            Some(user) => format!(
+                "Basic {}",
+                base64(format!("{user}:{}", self.key).as_bytes())
+            ),
+            None => self.service.format.replace("{key}", &self.key),
+        }
+    }
+
+    /// Drop every credential the sandbox sent and put the real one in.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        for h in CREDENTIAL_HEADERS {
+            headers.remove(*h);
+        }
+        headers.remove(self.service.header.as_str());
+        if let (Ok(name), Ok(value)) = (
+            http::header::HeaderName::from_bytes(self.service.header.as_bytes()),
+            HeaderValue::from_str(&self.header_value()),
+        ) {
+            let mut value = value;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+    }
+
+    /// The forms of the key that must never flow back: itself and the header value.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = vec![self.header_value(), self.key.clone()];
+        out.retain(|s| !s.is_empty());
+        out.dedup();
+        out
+    }
+}
+
+/// The credential for `host`, if any.
+pub fn for_host<'a>(creds: &'a [Credential], host: &str) -> Option<&'a Credential> {
+    creds
+        .iter()
+        .find(|c| c.service.hosts.iter().any(|h| h == host))
+}
+
+/// Replace every secret in response headers with the placeholder.
+pub fn redact_headers(headers: &mut HeaderMap, secrets: &[String]) {
+    for value in headers.values_mut() {
+        let Ok(text) = value.to_str() else { continue };
+        if secrets.iter().any(|s| text.contains(s.as_str())) {
+            let mut clean = text.to_string();
+            for s in secrets {
+                clean = clean.replace(s.as_str(), PLACEHOLDER);
+            }
+            if let Ok(v) = HeaderValue::from_str(&clean) {
+                *value = v;
+            }
+        }
+    }
+}
+
+fn replace_all(data: &[u8], secrets: &[String]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for s in secrets {
+        let needle = s.as_bytes();
+        let mut result = Vec::with_capacity(out.len());
+        let mut i = 0;
+        while i < out.len() {
+            if out[i..].starts_with(needle) {
+                result.extend_from_slice(PLACEHOLDER.as_bytes());
+                i += needle.len();
+            } else {
+                result.push(out[i]);
+                i += 1;
+            }
+        }
+        out = result;
+    }
+    out
+}
+
+/// A response body with every secret replaced, also across chunk boundaries:
+/// it holds back the last `longest - 1` bytes of each chunk until the next.
+pub struct Redacted<B> {
+    inner: B,
+    secrets: Vec<String>,
+    held: BytesMut,
+    done: bool,
+}
+
+impl<B> Redacted<B> {
+    pub fn new(inner: B, secrets: Vec<String>) -> Redacted<B> {
+        Redacted {
+            inner,
+            secrets,
+            held: BytesMut::new(),
+            done: false,
+        }
+    }
+    fn keep(&self) -> usize {
+        self.secrets
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1)
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Redacted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                if this.held.is_empty() {
+                    return Poll::Ready(None);
+                }
+                let rest = this.held.split().freeze();
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(replace_all(
+                    &rest,
+                    &this.secrets,
+                ))))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.done = true,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.held.extend_from_slice(&data);
+                        let clean = replace_all(&this.held, &this.secrets);
+                        let keep = this.keep().min(clean.len());
+                        // What is held back may be the start of a secret the next chunk completes.
+                        let (out, rest) = clean.split_at(clean.len() - keep);
+                        let out = Bytes::copy_from_slice(out);
+                        this.held = BytesMut::from(rest);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn cred(name: &str, key: &str) -> Credential {
+        Credential {
+            service: builtin_services()
+                .into_iter()
+                .find(|s| s.name == name)
+                .unwrap(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn injection_replaces_every_credential_header() {
+        let c = cred("anthropic", "sk-real");
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static(PLACEHOLDER));
+        h.insert("authorization", HeaderValue::from_static("Bearer attacker"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        c.inject(&mut h);
+        let mut got: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("accept".into(), "*/*".into()),
+                ("x-api-key".into(), "sk-real".into())
+            ]
+        );
+        let g = Credential {
+            service: builtin_services()
+                .into_iter()
+                .find(|s| s.hosts == ["github.com"])
+                .unwrap(),
+            key: "ghp_x".into(),
+        };
+        let mut h = HeaderMap::new();
+        g.inject(&mut h);
+        assert_eq!(h["authorization"], "Basic eC1hY2Nlc3MtdG9rZW46Z2hwX3g=");
+        assert_eq!(format!("{g:?}"), "Credential(github)");
+    }
+
+    #[test]
+    fn secrets_are_redacted_even_split_across_chunks() {
+        let secrets = cred("openai", "sk-abcdef").secrets();
+        let pieces = vec!["echo: Bearer sk-a", "bcdef and sk-", "abcdef!", ""];
+        let body = Redacted::new(chunks(pieces), secrets.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let out = rt.block_on(async { body.collect().await.unwrap().to_bytes() });
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "echo: proxy-managed and proxy-managed!"
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_static("Bearer sk-abcdef"));
+        redact_headers(&mut h, &secrets);
+        assert_eq!(h["x-echo"], PLACEHOLDER);
+    }
+
+    /// A body that yields the given chunks, one frame each.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn chunks(list: Vec<&'static str>) -> Chunks {
+        Chunks(
+            list.into_iter()
+                .map(|c| Bytes::from_static(c.as_bytes()))
+                .collect(),
+        )
+    }
+}
