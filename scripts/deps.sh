@@ -6,7 +6,7 @@
 # Installs only what is missing, so a second run costs nothing.
 set -euo pipefail
 need=()
-for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl; do
+for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl openssl:openssl; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

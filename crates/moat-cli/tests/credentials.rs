@@ -1,0 +1,350 @@
+//! End-to-end: TLS interception and API keys, from real clients inside a real
+//! sandbox to a real HTTPS server on the host's loopback (with a test CA the
+//! daemon is told to trust, and the service names mapped to it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const KEY: &str = "sk-ant-test-7f3a9c1e5b";
+const TOKEN: &str = "ghp_test_4d2e8a6c";
+
+struct Upstream {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Upstream {
+    fn seen(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("seen.log")).unwrap_or_default()
+    }
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let ok = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "openssl {args:?}");
+}
+
+/// An HTTPS server that answers every request with what it received, and logs it.
+fn upstream() -> Upstream {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=moat test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=upstream",
+        ],
+    );
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:api.anthropic.com,DNS:api.openai.com,DNS:github.com,DNS:other.example\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    std::fs::write(d.join("echo.py"), ECHO).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("python3")
+        .args(["echo.py", &port.to_string()])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Upstream { dir, port, child }
+}
+
+const ECHO: &str = r#"
+import http.server, ssl, sys, json
+log = open("seen.log", "a")
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_ANY(self):
+        n = int(self.headers.get("content-length") or 0)
+        seen = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": self.rfile.read(n).decode()}
+        log.write(json.dumps(seen) + "\n"); log.flush()
+        out = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("x-echo", json.dumps(seen["headers"]))
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_ANY
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("srv.pem", "srv.key")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+fn stop_daemon() {
+    let (_, runtime) = roots();
+    if let Ok(pid) = std::fs::read_to_string(runtime.join("moat.lock")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+struct StopDaemon;
+
+impl Drop for StopDaemon {
+    fn drop(&mut self) {
+        stop_daemon();
+    }
+}
+
+#[test]
+fn keys_go_in_on_the_way_out_and_never_come_back() {
+    use_isolated_roots("credentials");
+    let up = upstream();
+    // The daemon takes its keys and names from the environment it starts with.
+    stop_daemon();
+    let _stop = StopDaemon;
+    let names = format!(
+        "api.anthropic.com=127.0.0.1:{p},api.openai.com=127.0.0.1:{p},github.com=127.0.0.1:{p},other.example=127.0.0.1:{p}",
+        p = up.port
+    );
+    let started = moat_cmd()
+        .env("ANTHROPIC_API_KEY", KEY)
+        .env("GH_TOKEN", TOKEN)
+        .env("MOAT_EXTRA_CA_CERTS", up.ca())
+        .env("MOAT_GATEWAY_HOSTS", names)
+        .args(["image", "ls"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let sb = Sandbox::new("keys");
+    moat_ok(&[
+        "sandbox",
+        "network",
+        "proxy",
+        &sb.name,
+        "--allow-host",
+        "other.example",
+    ]);
+
+    // The sandbox holds only the placeholder.
+    let out = sb.sh("echo $ANTHROPIC_API_KEY $GH_TOKEN");
+    assert_eq!(text(&out.stdout), "proxy-managed proxy-managed\n");
+
+    // curl with the placeholder, and an attacker's extra credential header.
+    let out = sb.sh(
+        "curl -sS -D - https://api.anthropic.com/v1/messages -H 'x-api-key: proxy-managed' -H 'authorization: Bearer attacker' -d '{\"q\":1}'",
+    );
+    let seen_inside = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !seen_inside.contains(KEY),
+        "the key flowed back: {seen_inside}"
+    );
+    assert!(
+        seen_inside.contains("\"x-api-key\": \"proxy-managed\""),
+        "{seen_inside}"
+    );
+    let seen_upstream = up.seen();
+    let first: serde_json::Value =
+        serde_json::from_str(seen_upstream.lines().next().unwrap()).unwrap();
+    assert_eq!(first["headers"]["x-api-key"], KEY);
+    assert_eq!(
+        first["headers"].get("authorization"),
+        None,
+        "the attacker's header went on: {first}"
+    );
+    assert_eq!(first["body"], "{\"q\":1}");
+
+    // Python's urllib through the proxy, trusting the sandbox's CA from the system bundle.
+    let out = sb.sh("python3 -c \"import urllib.request as u;print(u.urlopen(u.Request('https://api.anthropic.com/v1/x', headers={'x-api-key':'proxy-managed'})).status)\"");
+    assert_eq!(text(&out.stdout), "200\n", "{}", text(&out.stderr));
+
+    // git over HTTPS gets the token as basic auth (the echo server is no git server, so git fails after).
+    let _ = sb.sh("git ls-remote https://github.com/moat/test.git >/dev/null 2>&1");
+    let git = up
+        .seen()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["path"].as_str().unwrap().contains("info/refs"));
+    let basic = format!("Basic {}", base64(&format!("x-access-token:{TOKEN}")));
+    assert_eq!(
+        git.map(|g| g["headers"]["authorization"].clone()),
+        Some(serde_json::json!(basic))
+    );
+
+    // The placeholder sent to a host that is not the service's stays the placeholder.
+    let before = up.seen().lines().count();
+    let out = sb.sh("curl -sS https://other.example/ -H 'x-api-key: proxy-managed' -o /dev/null -w '%{http_code}'");
+    assert_eq!(text(&out.stdout), "200", "{}", text(&out.stderr));
+    let other: serde_json::Value =
+        serde_json::from_str(up.seen().lines().nth(before).unwrap()).unwrap();
+    assert_eq!(other["headers"]["x-api-key"], "proxy-managed");
+
+    // Domain fronting: a CONNECT to one allowed name, TLS or Host naming another.
+    let out = sb.sh(
+        "curl -s -o /dev/null -w '%{http_code} ' --connect-to api.anthropic.com:443:other.example:443 https://api.anthropic.com/; \
+         curl -s -o /dev/null -w '%{http_code}' -H 'Host: api.anthropic.com' https://other.example/",
+    );
+    assert_eq!(text(&out.stdout), "421 421", "{}", text(&out.stderr));
+
+    // Nowhere the sandbox can read holds the key: environments, files, the network log.
+    let out = sb.root_sh(&format!("cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c '{KEY}'; grep -rlsF '{KEY}' /etc /home /root /tmp /usr/local /var /run {} | wc -l", sb.ws().display()));
+    assert_eq!(text(&out.stdout), "0\n0\n", "{}", text(&out.stderr));
+    let log = moat_ok(&["sandbox", "network", "log", &sb.name, "--json"]);
+    assert!(!log.contains(KEY) && !log.contains(TOKEN));
+    assert!(
+        log.contains("/v1/messages"),
+        "intercepted requests are logged with their path: {log}"
+    );
+    let (state, runtime) = roots();
+    let daemon_log = std::fs::read_to_string(runtime.join("daemon.log")).unwrap_or_default();
+    assert!(!daemon_log.contains(KEY));
+    let listed = moat_ok(&["secret", "ls", "--json"]);
+    assert!(
+        !listed.contains(KEY) && listed.contains("env:ANTHROPIC_API_KEY"),
+        "{listed}"
+    );
+    let inspect = moat_ok(&["sandbox", "inspect", &sb.name]);
+    assert!(!inspect.contains(KEY));
+    // The CA's key stays on the host, readable by the daemon's user only.
+    let id = sb.inspect()["id"].as_str().unwrap().to_string();
+    let key_file = state.join("sandboxes").join(&id).join("ca.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let out =
+        sb.root_sh("grep -rlsF 'PRIVATE KEY' /etc/ssl /usr/local/share/ca-certificates | wc -l");
+    assert_eq!(text(&out.stdout), "0\n");
+}
+
+#[test]
+fn a_secret_set_from_stdin_is_used_and_never_shown() {
+    use_isolated_roots("secrets");
+    let mut child = moat_cmd()
+        .args(["secret", "set", "openai"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"sk-openai-secret-42\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!shown.contains("sk-openai-secret-42"), "{shown}");
+    let table = moat_ok(&["secret", "ls"]);
+    let line = table.lines().find(|l| l.starts_with("openai")).unwrap();
+    assert!(line.ends_with("yes (secret)"), "{table}");
+    let out = moat(&["secret", "set", "no-such-service"]);
+    assert!(
+        text(&out.stderr).contains("no service named"),
+        "{}",
+        text(&out.stderr)
+    );
+    moat_ok(&["secret", "rm", "openai"]);
+    let (state, _) = roots();
+    assert!(!std::fs::read_to_string(state.join("secrets.json"))
+        .unwrap()
+        .contains("sk-openai"));
+    stop_daemon();
+}
+
+fn base64(s: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut out = out;
+    out.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    text(&out.wait_with_output().unwrap().stdout)
+}
