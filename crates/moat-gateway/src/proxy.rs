@@ -24,7 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::credentials::{for_host, redact_headers, Credential, Redacted};
@@ -488,13 +488,23 @@ impl Conn {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let mut client = TokioIo::new(upgraded);
-            // Peek at the first byte: a TLS handshake starts with 0x16.
-            let mut first = [0u8; 1];
-            let n = client.read(&mut first).await.unwrap_or(0);
-            let client = Prefixed {
-                prefix: first[..n].to_vec(),
-                inner: client,
+            // Back to the plain socket (and what hyper had read past the CONNECT head),
+            // so that a tunnel can splice without copying through user space.
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                return;
+            };
+            let (client, pending) = (parts.io.into_inner(), parts.read_buf);
+            // Peek at the first byte: a TLS handshake starts with 0x16. A server
+            // that speaks first (SMTP, a database) means this is no TLS client.
+            let tls = match pending.first() {
+                Some(b) => *b == 0x16,
+                None => {
+                    let mut first = [0u8; 1];
+                    tokio::select! {
+                        peeked = client.peek(&mut first) => matches!(peeked, Ok(1)) && first[0] == 0x16,
+                        _ = upstream.readable() => false,
+                    }
+                }
             };
             let leaves = me
                 .gate
@@ -502,7 +512,11 @@ impl Conn {
                 .clone()
                 .filter(|_| verdict.action != Action::Bypass);
             match leaves {
-                Some(leaves) if n == 1 && first[0] == 0x16 => {
+                Some(leaves) if tls => {
+                    let client = Prefixed {
+                        prefix: pending.to_vec(),
+                        inner: client,
+                    };
                     me.intercept(
                         client,
                         upstream,
@@ -516,7 +530,10 @@ impl Conn {
                     )
                     .await
                 }
-                _ => me.pipe(client, upstream, target, verdict, started).await,
+                _ => {
+                    me.pipe(client, &pending, upstream, target, verdict, started)
+                        .await
+                }
             }
         });
         Response::new(
@@ -529,16 +546,33 @@ impl Conn {
     /// Bytes both ways, untouched: bypassed hosts and what is not TLS.
     async fn pipe(
         &self,
-        mut client: Prefixed<TokioIo<hyper::upgrade::Upgraded>>,
+        mut client: TcpStream,
+        pending: &[u8],
         mut upstream: TcpStream,
         target: Target,
         verdict: Verdict,
         started: Instant,
     ) {
         let mut entry = self.entry("CONNECT", &target, None, &verdict, 200);
-        if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            entry.bytes_up = up;
-            entry.bytes_down = down;
+        let sent = if pending.is_empty() {
+            Ok(())
+        } else {
+            write_all(&upstream, pending).await
+        };
+        // Large buffers: a tunnel carries bulk data, and every copy is two
+        // system calls. (splice(2) measured slower on loopback.)
+        if sent.is_ok() {
+            if let Ok((up, down)) = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                256 << 10,
+                256 << 10,
+            )
+            .await
+            {
+                entry.bytes_up = pending.len() as u64 + up;
+                entry.bytes_down = down;
+            }
         }
         entry.duration_ms = started.elapsed().as_millis() as u64;
         self.sink(entry);
@@ -548,7 +582,7 @@ impl Conn {
     /// its requests one by one, each decided, logged and sent on over TLS.
     async fn intercept(
         &self,
-        client: Prefixed<TokioIo<hyper::upgrade::Upgraded>>,
+        client: Prefixed<TcpStream>,
         upstream: TcpStream,
         leaves: Arc<Leaves>,
         mut route: Route,
@@ -858,6 +892,18 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Builder for the proxy's HTTP/1.1 server side.
