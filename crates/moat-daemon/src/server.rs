@@ -27,6 +27,7 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
     }
     fs::set_permissions(&paths.runtime, fs::Permissions::from_mode(0o700))
         .map_err(|e| DaemonError::io(format!("chmod {}", paths.runtime.display()), e))?;
+    raise_fd_limit();
     let _lock = take_lock(&paths.lock(), || paths.socket().display().to_string())?;
     // Two daemons on one state root would each take the other's sandboxes for dead.
     let _state_lock = take_lock(&paths.state.join("daemon.lock"), || {
@@ -55,6 +56,14 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
         std::thread::spawn(move || serve(&daemon, conn));
     }
     Ok(())
+}
+
+/// Every connection through a gateway door takes two descriptors, and
+/// sandboxes may hold a thousand each: take the hard limit as the soft one.
+fn raise_fd_limit() {
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 /// One daemon per runtime root and per state root: an exclusive lock on a

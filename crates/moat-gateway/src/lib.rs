@@ -7,6 +7,8 @@
 //! sandboxes are made: it is handed listening sockets and a policy.
 
 pub mod credentials;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod log;
 pub mod policy;

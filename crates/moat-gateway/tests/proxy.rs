@@ -150,7 +150,7 @@ fn every_spelling_of_loopback_is_refused_without_a_rule_naming_it() {
     }
     let resp = send(
         s.proxy,
-        &format!("CONNECT 2130706433:{port} HTTP/1.1\r\n\r\n"),
+        &format!("CONNECT 2130706433:{port} HTTP/1.1\r\nConnection: close\r\n\r\n"),
     );
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
 }
@@ -193,7 +193,7 @@ fn connect_tunnels_and_policy_changes_apply_to_the_next_request() {
 #[test]
 fn bad_requests_get_4xx_and_unreachable_upstreams_502() {
     let s = setup(allow_localhost());
-    assert!(send(s.proxy, "GET /relative HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 400"));
+    assert!(send(s.proxy, "GET /relative HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 400"));
     assert!(send(s.proxy, "NONSENSE\r\n\r\n").starts_with("HTTP/1.1 400"));
     let huge = format!(
         "GET http://localhost:1/ HTTP/1.1\r\nX: {}\r\n\r\n",
@@ -218,4 +218,59 @@ fn bad_requests_get_4xx_and_unreachable_upstreams_502() {
     let port = upstream();
     let resp = send(s.proxy, &format!("GET http://localhost:{port}/ HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"));
     assert!(resp.starts_with("HTTP/1.1 421"), "{resp}");
+}
+
+/// Raise this process's descriptor limit to its hard limit: the test holds
+/// thousands of sockets (clients, the proxy's two sides, the upstream's).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+#[test]
+fn a_thousand_concurrent_connections_are_served() {
+    raise_fd_limit();
+    let port = upstream();
+    let s = setup(allow_localhost());
+    let barrier = Arc::new(std::sync::Barrier::new(1000));
+    let handles: Vec<_> = (0..1000)
+        .map(|i| {
+            let barrier = Arc::clone(&barrier);
+            let proxy = s.proxy;
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                // All connections open at once, then each sends its request.
+                barrier.wait();
+                write!(c, "GET http://localhost:{port}/n{i} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n").unwrap();
+                let mut out = String::new();
+                c.read_to_string(&mut out).unwrap();
+                out.starts_with("HTTP/1.1 200") && out.contains(&format!("GET /n{i} "))
+            })
+        })
+        .collect();
+    let ok = handles.into_iter().map(|h| h.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(ok, 1000);
+}
+
+#[test]
+fn clients_that_hang_up_at_any_point_do_not_hurt_the_gateway() {
+    let port = upstream();
+    let s = setup(allow_localhost());
+    let request = format!("GET http://localhost:{port}/whole HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: 10\r\n\r\n0123456789");
+    let connect = format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n\x16\x03\x01\x02\x00\x01");
+    for raw in [&request, &connect] {
+        for cut in 0..raw.len() {
+            let mut c = TcpStream::connect(("127.0.0.1", s.proxy)).unwrap();
+            let _ = c.write_all(&raw.as_bytes()[..cut]);
+            drop(c);
+        }
+    }
+    let resp = send(s.proxy, &format!("GET http://localhost:{port}/after HTTP/1.1\r\nConnection: close\r\n\r\n"));
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("GET /after"), "{resp}");
 }
