@@ -235,6 +235,17 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
     );
     assert_eq!(first["body"], "{\"q\":1}");
 
+    // HTTP/2 where the client offers it (ALPN), the key put in all the same.
+    let before = up.seen().lines().count();
+    let out = sb.sh("curl -sS --http2 -o /dev/null -w '%{http_version}' https://api.anthropic.com/v1/h2 -H 'x-api-key: proxy-managed'");
+    assert_eq!(text(&out.stdout), "2", "{}", text(&out.stderr));
+    let h2: serde_json::Value =
+        serde_json::from_str(up.seen().lines().nth(before).unwrap()).unwrap();
+    assert_eq!(
+        (h2["path"].clone(), h2["headers"]["x-api-key"].clone()),
+        (serde_json::json!("/v1/h2"), serde_json::json!(KEY))
+    );
+
     // Python's urllib through the proxy, trusting the sandbox's CA from the system bundle.
     let out = sb.sh("python3 -c \"import urllib.request as u;print(u.urlopen(u.Request('https://api.anthropic.com/v1/x', headers={'x-api-key':'proxy-managed'})).status)\"");
     assert_eq!(text(&out.stdout), "200\n", "{}", text(&out.stderr));

@@ -7,13 +7,19 @@ use crate::policy::{Action, Policy, Rule};
 
 /// Panics if a property fails for `data`.
 pub fn check(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let (host_part, rule_part) = text.split_once('\n').unwrap_or((text, "*.example.com"));
 
     // Normalising never panics, and a normalised host normalises to itself.
     if let Ok(host) = normalize(host_part) {
         let again = normalize(&host.to_string());
-        assert_eq!(again.as_ref(), Ok(&host), "{host_part:?} -> {host} -> {again:?}");
+        assert_eq!(
+            again.as_ref(),
+            Ok(&host),
+            "{host_part:?} -> {host} -> {again:?}"
+        );
         if let Host::Name(n) = &host {
             assert!(!n.ends_with('.') && n == &n.to_ascii_lowercase(), "{n:?}");
         }
@@ -25,7 +31,11 @@ pub fn check(data: &[u8]) {
         if let Ok(rule) = Rule::host(action, rule_part) {
             let printed = rule.to_string();
             let spec = printed.split_once(' ').map(|(_, s)| s).unwrap_or("");
-            assert_eq!(Rule::host(action, spec).as_ref(), Ok(&rule), "{rule_part:?} -> {printed}");
+            assert_eq!(
+                Rule::host(action, spec).as_ref(),
+                Ok(&rule),
+                "{rule_part:?} -> {printed}"
+            );
         }
         let _ = Rule::cidr(action, rule_part);
     }
@@ -38,7 +48,10 @@ pub fn check(data: &[u8]) {
         let _ = policy.decide_host(&host, 443);
         if let Ok(block) = Rule::host(Action::Block, &host.to_string()) {
             policy.add(block);
-            assert!(!policy.decide_host(&host, 443).allowed(), "{host} not blocked by its own exact rule");
+            assert!(
+                !policy.decide_host(&host, 443).allowed(),
+                "{host} not blocked by its own exact rule"
+            );
         }
     }
 }
@@ -50,8 +63,36 @@ mod tests {
     #[test]
     fn the_fuzz_properties_hold_on_generated_inputs() {
         let pieces = [
-            "0", "1", "127", "0x7f", "0177", "255", "256", "4294967295", ".", "..", "[", "]", ":", "::", "ffff", "%2e",
-            "%31", "a", "Example", "com", "-", "_", "*", "*.", "localhost", "\n", "/", "%", "9999999999", "x",
+            "0",
+            "1",
+            "127",
+            "0x7f",
+            "0177",
+            "255",
+            "256",
+            "4294967295",
+            ".",
+            "..",
+            "[",
+            "]",
+            ":",
+            "::",
+            "ffff",
+            "%2e",
+            "%31",
+            "a",
+            "Example",
+            "com",
+            "-",
+            "_",
+            "*",
+            "*.",
+            "localhost",
+            "\n",
+            "/",
+            "%",
+            "9999999999",
+            "x",
         ];
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..200_000 {

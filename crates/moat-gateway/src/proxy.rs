@@ -252,20 +252,25 @@ fn request_target(req: &Request<Incoming>) -> Result<Target, String> {
     })
 }
 
-/// Whether a Host header names `target` (its port defaulting to `default_port`).
-fn host_header_matches(headers: &HeaderMap, target: &Target, default_port: u16) -> bool {
-    let Some(h) = headers.get(header::HOST) else {
-        return true;
+/// Whether the Host header and the request target's authority (HTTP/2's
+/// `:authority`), where present, name `target` (a missing port meaning `default_port`).
+fn host_header_matches(req: &Request<Incoming>, target: &Target, default_port: u16) -> bool {
+    let names = |value: &str| {
+        split_host_port(value)
+            .and_then(|(hh, p)| {
+                normalize(hh)
+                    .ok()
+                    .map(|n| (loopback_alias(n), p.unwrap_or(default_port)))
+            })
+            .is_some_and(|(n, p)| n == target.host && p == target.port)
     };
-    h.to_str()
-        .ok()
-        .and_then(split_host_port)
-        .and_then(|(hh, p)| {
-            normalize(hh)
-                .ok()
-                .map(|n| (loopback_alias(n), p.unwrap_or(default_port)))
-        })
-        .is_some_and(|(n, p)| n == target.host && p == target.port)
+    let header_ok = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok().is_some_and(names),
+        None => true,
+    };
+    let authority_ok =
+        req.method() == Method::CONNECT || req.uri().authority().is_none_or(|a| names(a.as_str()));
+    header_ok && authority_ok
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -374,7 +379,7 @@ impl Conn {
         if req.method() == Method::CONNECT {
             return self.tunnel(req, target, addr, verdict, started).await;
         }
-        if !host_header_matches(req.headers(), &target, 80) {
+        if !host_header_matches(&req, &target, 80) {
             self.sink(self.entry(&method, &target, path, &verdict, 421));
             return misdirected();
         }
@@ -614,9 +619,16 @@ impl Conn {
                 Ok::<_, Infallible>(inner.handle_intercepted(req, &route, sni_ok, &first).await)
             }
         });
-        let _ = http1_server()
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        } else {
+            let _ = http1_server()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        }
     }
 
     async fn handle_intercepted(
@@ -629,7 +641,7 @@ impl Conn {
         let started = Instant::now();
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
-        if !sni_ok || !host_header_matches(req.headers(), &route.target, 443) {
+        if !sni_ok || !host_header_matches(&req, &route.target, 443) {
             self.sink(self.entry(&method, &route.target, Some(path), &route.verdict, 421));
             return misdirected();
         }
@@ -675,6 +687,8 @@ impl Conn {
             _ => Uri::from_static("/"),
         };
         strip_hop_by_hop(&mut parts.headers);
+        // Upstream connections speak HTTP/1.1, whatever the client spoke.
+        parts.version = http::Version::HTTP_11;
         if !parts.headers.contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(&authority) {
                 parts.headers.insert(header::HOST, v);

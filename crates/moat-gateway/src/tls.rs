@@ -152,7 +152,8 @@ pub fn server_config(
             leaves: Arc::clone(leaves),
             fallback: target.to_string(),
         }));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 where the client offers it, HTTP/1.1 otherwise.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -193,7 +193,11 @@ fn connect_tunnels_and_policy_changes_apply_to_the_next_request() {
 #[test]
 fn bad_requests_get_4xx_and_unreachable_upstreams_502() {
     let s = setup(allow_localhost());
-    assert!(send(s.proxy, "GET /relative HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 400"));
+    assert!(send(
+        s.proxy,
+        "GET /relative HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .starts_with("HTTP/1.1 400"));
     assert!(send(s.proxy, "NONSENSE\r\n\r\n").starts_with("HTTP/1.1 400"));
     let huge = format!(
         "GET http://localhost:1/ HTTP/1.1\r\nX: {}\r\n\r\n",
@@ -223,7 +227,10 @@ fn bad_requests_get_4xx_and_unreachable_upstreams_502() {
 /// Raise this process's descriptor limit to its hard limit: the test holds
 /// thousands of sockets (clients, the proxy's two sides, the upstream's).
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid struct.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
@@ -254,7 +261,11 @@ fn a_thousand_concurrent_connections_are_served() {
             })
         })
         .collect();
-    let ok = handles.into_iter().map(|h| h.join().unwrap()).filter(|ok| *ok).count();
+    let ok = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
     assert_eq!(ok, 1000);
 }
 
@@ -271,6 +282,12 @@ fn clients_that_hang_up_at_any_point_do_not_hurt_the_gateway() {
             drop(c);
         }
     }
-    let resp = send(s.proxy, &format!("GET http://localhost:{port}/after HTTP/1.1\r\nConnection: close\r\n\r\n"));
-    assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("GET /after"), "{resp}");
+    let resp = send(
+        s.proxy,
+        &format!("GET http://localhost:{port}/after HTTP/1.1\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("GET /after"),
+        "{resp}"
+    );
 }
