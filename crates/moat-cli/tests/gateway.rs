@@ -95,10 +95,19 @@ fn the_policy_decides_applies_at_once_and_every_request_is_logged() {
     ));
     assert_eq!(text(&out.stdout), "403");
 
-    // The log has every request, with its rule and decision.
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_str(&moat_ok(&["sandbox", "network", "log", &sb.name, "--json"])).unwrap();
-    let seen: Vec<(String, String, String, i64)> = rows
+    // The log has every request, with its rule and decision. Rows are written
+    // when a response ends, by a thread that batches them: wait for all four,
+    // and compare them in a fixed order.
+    let mut rows: Vec<serde_json::Value> = vec![];
+    for _ in 0..100 {
+        rows = serde_json::from_str(&moat_ok(&["sandbox", "network", "log", &sb.name, "--json"]))
+            .unwrap();
+        if rows.len() >= 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut seen: Vec<(String, String, String, i64)> = rows
         .iter()
         .map(|r| {
             (
@@ -109,37 +118,37 @@ fn the_policy_decides_applies_at_once_and_every_request_is_logged() {
             )
         })
         .collect();
+    seen.sort();
     let here = format!("localhost:{port}");
     let allowed_rule = format!("allow-host localhost:{port}");
-    assert_eq!(
-        seen,
-        vec![
-            (
-                here.clone(),
-                "<default policy>".to_string(),
-                "blocked".to_string(),
-                403
-            ),
-            (
-                here.clone(),
-                allowed_rule.clone(),
-                "allowed".to_string(),
-                200
-            ),
-            (
-                here.clone(),
-                allowed_rule.clone(),
-                "allowed".to_string(),
-                200
-            ),
-            (
-                format!("localhost:{other}"),
-                "<default policy>".to_string(),
-                "blocked".to_string(),
-                403
-            ),
-        ]
-    );
+    let mut want = vec![
+        (
+            here.clone(),
+            "<default policy>".to_string(),
+            "blocked".to_string(),
+            403,
+        ),
+        (
+            here.clone(),
+            allowed_rule.clone(),
+            "allowed".to_string(),
+            200,
+        ),
+        (
+            here.clone(),
+            allowed_rule.clone(),
+            "allowed".to_string(),
+            200,
+        ),
+        (
+            format!("localhost:{other}"),
+            "<default policy>".to_string(),
+            "blocked".to_string(),
+            403,
+        ),
+    ];
+    want.sort();
+    assert_eq!(seen, want);
     let table = moat_ok(&["sandbox", "network", "log", &sb.name]);
     assert!(table.starts_with("Blocked requests\nSANDBOX"), "{table}");
     let allowed_line = table.lines().find(|l| l.contains(&allowed_rule)).unwrap();

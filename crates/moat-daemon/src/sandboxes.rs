@@ -182,19 +182,9 @@ impl Daemon {
                     match (alive, row.info.pid, netns) {
                         (true, Some(pid), Some(netns)) => {
                             tracing::info!(name = %row.info.name, pid, "adopting a running sandbox");
-                            lock(&self.live).insert(
-                                id.clone(),
-                                Live {
-                                    pid,
-                                    netns,
-                                    forwarders: vec![],
-                                },
-                            );
-                            self.watch(id.clone(), pid);
-                            if let Err(e) = self.open_gateway_door(&id, &row.info.name, netns) {
+                            if let Err(e) = self.go_live(&row.info, pid, netns) {
                                 tracing::warn!(name = %row.info.name, "cannot reopen the gateway door: {e}");
                             }
-                            self.start_forwarders(&row.info, netns);
                         }
                         _ => {
                             tracing::info!(name = %row.info.name, "a sandbox that was running has stopped");
@@ -370,27 +360,34 @@ impl Daemon {
                 return Err(e.into());
             }
         };
+        lock(&self.state).set_netns(&id, &netns.to_string())?;
+        lock(&self.state).set_phase(&id, "running", Some(pid), process_start_time(pid))?;
+        let info = self.row(name)?.info;
+        // Without its door the sandbox would run with no way out at all: that is a failed start.
+        if let Err(e) = self.go_live(&info, pid, netns) {
+            kill_init(pid);
+            wait_for_exit_timeout(pid, Duration::from_secs(5));
+            self.cleanup_stopped(&id);
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    /// The daemon's side of a running sandbox, after a start or an adoption:
+    /// watch its init, open its gateway door, publish its ports.
+    fn go_live(&self, info: &SandboxInfo, pid: i32, netns: NetnsId) -> Result<(), DaemonError> {
         lock(&self.live).insert(
-            id.clone(),
+            info.id.clone(),
             Live {
                 pid,
                 netns,
                 forwarders: vec![],
             },
         );
-        lock(&self.state).set_netns(&id, &netns.to_string())?;
-        lock(&self.state).set_phase(&id, "running", Some(pid), process_start_time(pid))?;
-        self.watch(id.clone(), pid);
-        // Without its door the sandbox would run with no way out at all: that is a failed start.
-        if let Err(e) = self.open_gateway_door(&id, name, netns) {
-            kill_init(pid);
-            wait_for_exit_timeout(pid, Duration::from_secs(5));
-            self.cleanup_stopped(&id);
-            return Err(e);
-        }
-        let info = self.row(name)?.info;
-        self.start_forwarders(&info, netns);
-        Ok(info)
+        self.watch(info.id.clone(), pid);
+        self.open_gateway_door(&info.id, &info.name, netns)?;
+        self.start_forwarders(info, netns);
+        Ok(())
     }
 
     /// The unpacked layers a sandbox mounts. While its image is still in the

@@ -10,8 +10,37 @@ use std::time::Duration;
 use moat_gateway::{Action, Gateway, LogEntry, Policy, Rule};
 
 /// A tiny HTTP/1.1 server that answers every request with its own request line, keeping connections alive.
+/// A loopback listener with a backlog deep enough for a thousand connections at once
+/// (std's `bind` listens with 128).
+fn listener() -> TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own and hand to TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        assert_eq!(
+            libc::bind(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&addr) as u32
+            ),
+            0
+        );
+        assert_eq!(libc::listen(fd, 4096), 0);
+        TcpListener::from_raw_fd(fd)
+    }
+}
+
 fn upstream() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = listener();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for conn in l.incoming().flatten() {
@@ -58,7 +87,7 @@ fn setup(policy: Policy) -> Setup {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink_log = Arc::clone(&log);
     let gateway = Gateway::new(Arc::new(move |e| sink_log.lock().unwrap().push(e)), &[]).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = listener();
     let proxy = l.local_addr().unwrap().port();
     gateway.attach("id1", "demo", policy, None, l).unwrap();
     Setup {
