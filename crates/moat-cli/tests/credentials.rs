@@ -184,7 +184,7 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
     stop_daemon();
     let _stop = StopDaemon;
     let names = format!(
-        "api.anthropic.com=127.0.0.1:{p},api.openai.com=127.0.0.1:{p},github.com=127.0.0.1:{p},other.example=127.0.0.1:{p}",
+        "api.anthropic.com=127.0.0.1:{p},api.openai.com=127.0.0.1:{p},github.com=127.0.0.1:{p},other.example=127.0.0.1:{p},x.wild.example=127.0.0.1:{p}",
         p = up.port
     );
     let started = moat_cmd()
@@ -277,6 +277,21 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
          curl -s -o /dev/null -w '%{http_code}' -H 'Host: api.anthropic.com' https://other.example/",
     );
     assert_eq!(text(&out.stdout), "421 421", "{}", text(&out.stderr));
+
+    // A wildcard rule does not open a name that resolves to a blocked range.
+    moat_ok(&[
+        "sandbox",
+        "network",
+        "proxy",
+        &sb.name,
+        "--allow-host",
+        "*.wild.example",
+    ]);
+    let out = sb.sh("curl -s -o /dev/null -w '%{http_code}' https://x.wild.example/; curl -s http://x.wild.example/ | head -1");
+    assert_eq!(
+        text(&out.stdout),
+        format!("000moat: x.wild.example:80 is blocked for sandbox {} by rule <blocked range: loopback>.\n", sb.name)
+    );
 
     // Nowhere the sandbox can read holds the key: environments, files, the network log.
     let out = sb.root_sh(&format!("cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c '{KEY}'; grep -rlsF '{KEY}' /etc /home /root /tmp /usr/local /var /run {} | wc -l", sb.ws().display()));

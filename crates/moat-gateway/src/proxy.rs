@@ -183,7 +183,39 @@ impl Gateway {
 }
 
 /// An open upstream connection and where it goes.
-type Upstream = (SocketAddr, SendRequest<Counted<Incoming>>);
+type Upstream = (SocketAddr, Sender);
+
+/// An upstream connection: HTTP/1.1, or HTTP/2 where the server's ALPN chose it.
+enum Sender {
+    H1(SendRequest<Counted<Incoming>>),
+    H2(hyper::client::conn::http2::SendRequest<Counted<Incoming>>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    async fn send(
+        &mut self,
+        req: Request<Counted<Incoming>>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+    }
+}
 
 /// One client connection through a door (or one intercepted tunnel).
 #[derive(Clone)]
@@ -699,14 +731,6 @@ impl Conn {
         }
         let up = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicU64::new(0));
-        let req = Request::from_parts(
-            parts,
-            Counted {
-                inner: body,
-                count: Arc::clone(&up),
-                guard: None,
-            },
-        );
         let failed = |me: &Conn, why: String| {
             me.sink(me.entry(
                 &method,
@@ -746,17 +770,28 @@ impl Conn {
                         .await
                         .map(|(s, c)| {
                             tokio::spawn(c);
-                            s
+                            Sender::H1(s)
                         }),
                     Some(name) => {
                         let connector =
                             tokio_rustls::TlsConnector::from(Arc::clone(&self.shared.client_tls));
                         match connector.connect(name.clone(), stream).await {
+                            Ok(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                hyper::client::conn::http2::handshake(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                    TokioIo::new(tls),
+                                )
+                                .await
+                                .map(|(s, c)| {
+                                    tokio::spawn(c);
+                                    Sender::H2(s)
+                                })
+                            }
                             Ok(tls) => hyper::client::conn::http1::handshake(TokioIo::new(tls))
                                 .await
                                 .map(|(s, c)| {
                                     tokio::spawn(c);
-                                    s
+                                    Sender::H1(s)
                                 }),
                             Err(e) => {
                                 return failed(self, format!("TLS with the server failed: {e}"))
@@ -773,7 +808,28 @@ impl Conn {
         if let Err(e) = sender.ready().await {
             return failed(self, e.to_string());
         }
-        let resp = match sender.send_request(req).await {
+        if let Sender::H2(_) = sender {
+            // HTTP/2 names the host in :authority, from an absolute target.
+            parts.version = http::Version::HTTP_2;
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            if let Ok(uri) = format!("https://{authority}{pq}").parse::<Uri>() {
+                parts.uri = uri;
+            }
+            parts.headers.remove(header::HOST);
+        }
+        let req = Request::from_parts(
+            parts,
+            Counted {
+                inner: body,
+                count: Arc::clone(&up),
+                guard: None,
+            },
+        );
+        let resp = match sender.send(req).await {
             Ok(r) => r,
             Err(e) => return failed(self, e.to_string()),
         };

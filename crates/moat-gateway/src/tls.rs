@@ -177,7 +177,7 @@ pub fn client_config(extra_pem: &[&Path]) -> Result<Arc<rustls::ClientConfig>, T
         .map_err(cert_err)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -320,3 +320,113 @@ fn clients_that_hang_up_at_any_point_do_not_hurt_the_gateway() {
         "{resp}"
     );
 }
+
+/// An HTTPS server that speaks HTTP/2 (by ALPN) and answers with the version it saw.
+fn h2_upstream(leaves: Arc<moat_gateway::tls::Leaves>) -> u16 {
+    let l = listener();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let config = moat_gateway::tls::server_config(&leaves, "h2.test").unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let body =
+                                format!("version={:?} path={}", req.version(), req.uri().path());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+#[test]
+fn intercepted_requests_go_upstream_over_http2_where_the_server_offers_it() {
+    let upstream_ca = moat_gateway::tls::new_ca("upstream").unwrap();
+    let port = h2_upstream(Arc::new(
+        moat_gateway::tls::Leaves::new(&upstream_ca).unwrap(),
+    ));
+    let dir = std::env::temp_dir().join(format!("moat-h2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, &upstream_ca.cert).unwrap();
+
+    let gateway = Gateway::new(Arc::new(|_| {}), &[ca_file.as_path()]).unwrap();
+    gateway.set_static_names(
+        [(
+            "h2.test".to_string(),
+            ("127.0.0.1".parse().unwrap(), Some(port)),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    let sandbox_ca = moat_gateway::tls::new_ca("sandbox").unwrap();
+    let mut policy = Policy::preset("deny-all").unwrap();
+    policy.add(Rule::host(Action::Allow, "h2.test").unwrap());
+    let l = listener();
+    let proxy = l.local_addr().unwrap().port();
+    gateway
+        .attach("id", "demo", policy, Some(&sandbox_ca), l)
+        .unwrap();
+
+    let mut tcp = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"CONNECT h2.test:443 HTTP/1.1\r\nHost: h2.test:443\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // The client trusts only the sandbox's CA, as inside a sandbox.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut sandbox_ca.cert.as_bytes()).flatten() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "h2.test".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /hello HTTP/1.1\r\nHost: h2.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("version=HTTP/2.0 path=/hello"), "{out}");
+    let _ = std::fs::remove_dir_all(dir);
+}
