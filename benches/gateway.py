@@ -5,6 +5,8 @@ all on loopback in the same run (DESIGN.md budgets):
   CONNECT throughput, 1 GiB through the tunnel       budget: >= 90 % of direct
   plain-HTTP requests/s with keep-alive, 1 and 64 connections (wrk)   budget: ahead of both peers
   added p50 latency per request, 1 connection (wrk --latency)         budget: < 100 us
+  intercepted-HTTPS requests/s, keep-alive, 4 clients, against mitmproxy (when mitmdump is installed:
+  `pip install mitmproxy`)
 
 Usage: benches/gateway.py   (after `cargo build --release -p moat-gateway --examples`)
 Installs squid, tinyproxy and wrk with apt when missing.
@@ -20,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "target/release/examples")
-HTTP, BULK, BYTES = 18100, 18101, 1 << 30
+HTTP, BULK, BYTES, TLS = 18100, 18101, 1 << 30, 18102
 PROXIES = {"moat": 3130, "squid": 3131, "tinyproxy": 3132}
 
 missing = [p for p, c in [("squid", "squid"), ("tinyproxy", "tinyproxy"), ("wrk", "wrk")] if not shutil.which(c)]
@@ -75,8 +77,12 @@ DisableViaHeader Yes
 """)
 
 try:
-    start([os.path.join(EX, "upstream"), f"127.0.0.1:{HTTP}", f"127.0.0.1:{BULK}", str(BYTES)])
-    start([os.path.join(EX, "standalone"), f"127.0.0.1:{PROXIES['moat']}", "deny-all", "localhost"])
+    upstream_ca = os.path.join(tmp, "upstream-ca.pem")
+    start([os.path.join(EX, "upstream"), f"127.0.0.1:{HTTP}", f"127.0.0.1:{BULK}", str(BYTES), f"127.0.0.1:{TLS}", upstream_ca])
+    wait_port(TLS)
+    moat_ca = os.path.join(tmp, "moat-ca.pem")
+    start([os.path.join(EX, "standalone"), f"127.0.0.1:{PROXIES['moat']}", "deny-all", "localhost"],
+          env=dict(os.environ, MOAT_BENCH_CA_OUT=moat_ca, MOAT_EXTRA_CA_CERTS=upstream_ca))
     start(["squid", "-N", "-f", squid_conf])
     start(["tinyproxy", "-d", "-c", tiny_conf])
     for port in [HTTP, BULK, *PROXIES.values()]:
@@ -133,6 +139,50 @@ try:
             results[name] = rps
             print(f"  {name:10}  {rps:10.0f}   p50 {p50:7.1f} us   added {p50 - d_p50:7.1f} us")
         print(f"  moat / squid {results['moat'] / results['squid']:.2f}x   moat / tinyproxy {results['moat'] / results['tinyproxy']:.2f}x")
+
+    if shutil.which("mitmdump"):
+        import multiprocessing
+        import ssl
+        mitm_dir = os.path.join(tmp, "mitm")
+        start(["mitmdump", "-q", "--listen-host", "127.0.0.1", "-p", "3133", "--set", f"confdir={mitm_dir}", "--set", "ssl_insecure=true"])
+        wait_port(3133)
+
+        def client(proxy, cafile, seconds, q):
+            s = socket.create_connection(("127.0.0.1", proxy))
+            s.sendall(f"CONNECT localhost:{TLS} HTTP/1.1\r\nHost: localhost:{TLS}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)
+            tls = ssl.create_default_context(cafile=cafile).wrap_socket(s, server_hostname="localhost")
+            req = f"GET / HTTP/1.1\r\nHost: localhost:{TLS}\r\n\r\n".encode()
+            f = tls.makefile("rb")
+            n, end = 0, time.time() + seconds
+            while time.time() < end:
+                tls.sendall(req)
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+                n += 1
+            q.put(n)
+
+        def https_rps(proxy, cafile):
+            q = multiprocessing.Queue()
+            ps = [multiprocessing.Process(target=client, args=(proxy, cafile, 5, q)) for _ in range(4)]
+            for p in ps:
+                p.start()
+            total = sum(q.get() for _ in ps)
+            for p in ps:
+                p.join()
+            return total / 5
+
+        print("intercepted HTTPS, keep-alive, 4 clients (requests/s):")
+        m = https_rps(PROXIES["moat"], moat_ca)
+        t = https_rps(3133, os.path.join(mitm_dir, "mitmproxy-ca-cert.pem"))
+        print(f"  moat        {m:10.0f}\n  mitmproxy   {t:10.0f}\n  moat / mitmproxy {m / t:.2f}x")
+    else:
+        print("intercepted HTTPS: mitmdump is not installed (pip install mitmproxy); skipped")
 finally:
     for p in procs:
         p.kill()

@@ -1,6 +1,8 @@
 //! A fast upstream for benchmarks: HTTP/1.1 keep-alive answering `ok` on
-//! `HTTP_ADDR`, and a raw TCP source that sends N bytes to each connection on
-//! `BULK_ADDR`: `upstream HTTP_ADDR BULK_ADDR BYTES`.
+//! `HTTP_ADDR`, a raw TCP source that sends N bytes to each connection on
+//! `BULK_ADDR`, and optionally the same `ok` over TLS (certificate for
+//! `localhost` from a CA written to CA_FILE) on `TLS_ADDR`:
+//! `upstream HTTP_ADDR BULK_ADDR BYTES [TLS_ADDR CA_FILE]`.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -26,10 +28,41 @@ fn main() -> std::io::Result<()> {
             });
         }
     });
+    if let (Some(addr), Some(ca_file)) = (args.get(4), args.get(5)) {
+        let ca = moat_gateway::tls::new_ca("bench upstream").map_err(std::io::Error::other)?;
+        std::fs::write(ca_file, &ca.cert)?;
+        let leaves = std::sync::Arc::new(
+            moat_gateway::tls::Leaves::new(&ca).map_err(std::io::Error::other)?,
+        );
+        let config = moat_gateway::tls::server_config(&leaves, "localhost")
+            .map_err(std::io::Error::other)?;
+        let tls = TcpListener::bind(addr)?;
+        std::thread::spawn(move || {
+            for conn in tls.incoming().flatten() {
+                let config = std::sync::Arc::clone(&config);
+                std::thread::spawn(move || {
+                    let _ = conn.set_nodelay(true);
+                    let Ok(server) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    answer_ok(rustls::StreamOwned::new(server, conn));
+                });
+            }
+        });
+    }
     for conn in http.incoming().flatten() {
         std::thread::spawn(move || {
-            let mut conn = conn;
             let _ = conn.set_nodelay(true);
+            answer_ok(conn);
+        });
+    }
+    Ok(())
+}
+
+/// Answer `ok` to every request head on the stream, keeping it alive.
+fn answer_ok(mut conn: impl Read + Write) {
+    {
+        {
             let mut buf = vec![0u8; 65536];
             let mut have = 0;
             loop {
@@ -52,7 +85,6 @@ fn main() -> std::io::Result<()> {
                     return;
                 }
             }
-        });
+        }
     }
-    Ok(())
 }
