@@ -46,7 +46,7 @@ pub enum Request {
     /// Store an API key for a service; the reply never contains it.
     SecretSet {
         name: String,
-        key: String,
+        key: SecretValue,
     },
     SecretRm {
         name: String,
@@ -127,6 +127,18 @@ pub struct ExecRequest {
     pub cols: u16,
     /// Start and return at once, without waiting for the exit code.
     pub detach: bool,
+}
+
+/// An API key in transit to the daemon: it prints as `<redacted>`, so that no
+/// debug output or error that shows a request can show the key.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct SecretValue(pub String);
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// `moat sandbox network proxy NAME …`, as Docker's flags.
@@ -252,6 +264,22 @@ mod tests {
         );
         assert!("0:1".parse::<PortMapping>().is_err());
         assert!("a:b".parse::<PortMapping>().is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let r = Request::SecretSet {
+            name: "openai".into(),
+            key: SecretValue("sk-123".into()),
+        };
+        assert_eq!(
+            format!("{r:?}"),
+            "SecretSet { name: \"openai\", key: <redacted> }"
+        );
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"op": "secret_set", "name": "openai", "key": "sk-123"})
+        );
     }
 
     #[test]

@@ -755,7 +755,10 @@ fn secret(cmd: SecretCmd) -> Result<i32> {
     let statuses: Vec<serde_json::Value> = match cmd {
         SecretCmd::Set { service } => {
             let key = read_key(&service)?;
-            call(&Request::SecretSet { name: service, key })?
+            call(&Request::SecretSet {
+                name: service,
+                key: moat_api::SecretValue(key),
+            })?
         }
         SecretCmd::Rm { service } => call(&Request::SecretRm { name: service })?,
         SecretCmd::Ls { json: true } => {

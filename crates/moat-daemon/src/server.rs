@@ -171,7 +171,7 @@ fn dispatch(
         Request::NetworkLog { name, limit } => {
             to_value(daemon.network_log(name.as_deref(), limit)?)
         }
-        Request::SecretSet { name, key } => to_value(daemon.secret_set(&name, &key)?),
+        Request::SecretSet { name, key } => to_value(daemon.secret_set(&name, &key.0)?),
         Request::SecretRm { name } => to_value(daemon.secret_rm(&name)?),
         Request::SecretLs => to_value(daemon.secret_ls()?),
         Request::ImageList => to_value(daemon.image_list()?),
