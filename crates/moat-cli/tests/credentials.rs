@@ -17,14 +17,7 @@ const TOKEN: &str = "ghp_test_4d2e8a6c";
 struct Upstream {
     dir: tempfile::TempDir,
     port: u16,
-    child: std::process::Child,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _child: KillOnDrop,
 }
 
 impl Upstream {
@@ -122,13 +115,13 @@ fn upstream() -> Upstream {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let child = KillOnDrop(child);
+    wait_for_port(port);
+    Upstream {
+        dir,
+        port,
+        _child: child,
     }
-    Upstream { dir, port, child }
 }
 
 const ECHO: &str = r#"
@@ -154,27 +147,6 @@ ctx.load_cert_chain("srv.pem", "srv.key")
 srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
 srv.serve_forever()
 "#;
-
-fn stop_daemon() {
-    let (_, runtime) = roots();
-    if let Ok(pid) = std::fs::read_to_string(runtime.join("moat.lock")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    }
-}
-
-struct StopDaemon;
-
-impl Drop for StopDaemon {
-    fn drop(&mut self) {
-        stop_daemon();
-    }
-}
 
 #[test]
 fn keys_go_in_on_the_way_out_and_never_come_back() {

@@ -30,22 +30,9 @@ fn http_server(dir: &std::path::Path) -> (u16, KillOnDrop) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    (port, KillOnDrop(child))
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let child = KillOnDrop(child);
+    wait_for_port(port);
+    (port, child)
 }
 
 #[test]

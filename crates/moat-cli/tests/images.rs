@@ -120,14 +120,6 @@ fn a_template_build_on_a_full_disk_fails_in_one_line_and_leaves_no_image() {
     );
 }
 
-struct StopDaemon;
-
-impl Drop for StopDaemon {
-    fn drop(&mut self) {
-        stop_daemon();
-    }
-}
-
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![];
     for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -138,20 +130,6 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// The isolated daemon inherited MOAT_CACHE_DIR; do not let it outlive the test.
-fn stop_daemon() {
-    let (_, runtime) = roots();
-    let _ = std::fs::remove_file(runtime.join("moat.sock"));
-    if let Ok(pid) = std::fs::read_to_string(runtime.join("moat.lock")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 struct Unmount(String);

@@ -226,3 +226,49 @@ pub fn python_in_sandbox(sb: &Sandbox, code: &str, root: bool) -> Output {
         moat(&["sandbox", "exec", &sb.name, "python3", p])
     }
 }
+
+/// Stop this test's daemon (of isolated roots), e.g. so that the next one
+/// starts with a different environment.
+pub fn stop_daemon() {
+    let (_, runtime) = roots();
+    let _ = std::fs::remove_file(runtime.join("moat.sock"));
+    if let Ok(pid) = std::fs::read_to_string(runtime.join("moat.lock")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+/// Stops the test's daemon when dropped.
+pub struct StopDaemon;
+
+impl Drop for StopDaemon {
+    fn drop(&mut self) {
+        stop_daemon();
+    }
+}
+
+/// A child process killed when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Wait (up to 5 s) until something listens on the host's 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port}");
+}
