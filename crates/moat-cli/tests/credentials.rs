@@ -169,14 +169,7 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
         .unwrap();
     assert!(started.status.success(), "{}", text(&started.stderr));
     let sb = Sandbox::new("keys");
-    moat_ok(&[
-        "sandbox",
-        "network",
-        "proxy",
-        &sb.name,
-        "--allow-host",
-        "other.example",
-    ]);
+    sb.network_proxy(&["--allow-host", "other.example"]);
 
     // The sandbox holds only the placeholder.
     let out = sb.sh("echo $ANTHROPIC_API_KEY $GH_TOKEN");
@@ -251,14 +244,7 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
     assert_eq!(text(&out.stdout), "421 421", "{}", text(&out.stderr));
 
     // A wildcard rule does not open a name that resolves to a blocked range.
-    moat_ok(&[
-        "sandbox",
-        "network",
-        "proxy",
-        &sb.name,
-        "--allow-host",
-        "*.wild.example",
-    ]);
+    sb.network_proxy(&["--allow-host", "*.wild.example"]);
     let out = sb.sh("curl -s -o /dev/null -w '%{http_code}' https://x.wild.example/; curl -s http://x.wild.example/ | head -1");
     assert_eq!(
         text(&out.stdout),

@@ -57,14 +57,7 @@ fn the_policy_decides_applies_at_once_and_every_request_is_logged() {
     );
 
     // One rule for one port opens it, at once; other ports stay closed.
-    moat_ok(&[
-        "sandbox",
-        "network",
-        "proxy",
-        &sb.name,
-        "--allow-host",
-        &format!("localhost:{port}"),
-    ]);
+    sb.network_proxy(&["--allow-host", &format!("localhost:{port}")]);
     let out = sb.sh(&format!("curl -s {url}; python3 -c \"import urllib.request;print(urllib.request.urlopen('{url}').read().decode(), end='')\""));
     assert_eq!(
         text(&out.stdout),
@@ -148,14 +141,7 @@ fn no_spelling_of_a_blocked_address_gets_through_the_proxy() {
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("secret.txt"), "host secret\n").unwrap();
     let (port, _server) = http_server(site.path());
-    moat_ok(&[
-        "sandbox",
-        "network",
-        "proxy",
-        &sb.name,
-        "--preset",
-        "allow-all",
-    ]);
+    sb.network_proxy(&["--preset", "allow-all"]);
     let spellings = [
         "127.0.0.1",
         "2130706433",

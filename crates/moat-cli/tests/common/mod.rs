@@ -172,6 +172,13 @@ impl Sandbox {
         ])
     }
 
+    /// `moat sandbox network proxy NAME ARGS…`, insisting on success.
+    pub fn network_proxy(&self, args: &[&str]) {
+        let mut all = vec!["sandbox", "network", "proxy", &self.name];
+        all.extend_from_slice(args);
+        moat_ok(&all);
+    }
+
     pub fn inspect(&self) -> serde_json::Value {
         let out = moat_ok(&["sandbox", "inspect", &self.name]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
