@@ -12,41 +12,70 @@ use sha2::{Digest, Sha256};
 use crate::error::ImageError;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 const BUF: usize = 1 << 20;
+
+/// How a layer blob is compressed, told by its first bytes (media types
+/// from a registry are a claim; the bytes are the fact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Wraps `reader` in the decoder this compression needs.
+    fn decoder<'a, R: Read + 'a>(self, reader: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(reader),
+            Compression::Gzip => Box::new(MultiGzDecoder::new(reader)),
+            Compression::Zstd => Box::new(
+                ruzstd::decoding::StreamingDecoder::new(reader)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?,
+            ),
+        })
+    }
+}
 
 /// `sha256:<hex>` of a byte slice (for the small JSON blobs).
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// Whether the file starts with the gzip magic bytes.
-pub fn is_gzip(path: &Path) -> Result<bool, ImageError> {
+/// The compression of a file, from its magic bytes.
+pub fn compression(path: &Path) -> Result<Compression, ImageError> {
     let mut file =
         File::open(path).map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
-    let mut magic = [0u8; 2];
+    let mut magic = [0u8; 4];
     let mut filled = 0;
     while filled < magic.len() {
         match file.read(&mut magic[filled..]) {
-            Ok(0) => return Ok(false),
+            Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(ImageError::io(format!("read {}", path.display()), e)),
         }
     }
-    Ok(magic == GZIP_MAGIC)
+    Ok(if magic[..filled].starts_with(&GZIP_MAGIC) {
+        Compression::Gzip
+    } else if magic[..filled] == ZSTD_MAGIC {
+        Compression::Zstd
+    } else {
+        Compression::None
+    })
 }
 
-/// Opens a layer blob for reading its tar stream, decompressing gzip.
+/// Opens a layer blob for reading its tar stream, decompressing gzip or zstd.
 pub fn open_tar_stream(path: &Path) -> Result<Box<dyn Read>, ImageError> {
-    let gzip = is_gzip(path)?;
+    let kind = compression(path)?;
     let file =
         File::open(path).map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
-    let reader = BufReader::with_capacity(BUF, file);
-    Ok(if gzip {
-        Box::new(MultiGzDecoder::new(reader))
-    } else {
-        Box::new(reader)
-    })
+    kind.decoder(BufReader::with_capacity(BUF, file))
+        .map_err(|e| ImageError::BadLayer {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 /// What one pass over a layer blob found.
@@ -58,7 +87,7 @@ pub struct LayerDigests {
     pub size: u64,
     /// sha256 of the uncompressed tar, or why it could not be decompressed.
     pub diff_id: Result<String, String>,
-    pub gzip: bool,
+    pub compression: Compression,
 }
 
 /// Hashes everything read through it and copies it to `sink`. A failed write
@@ -89,7 +118,7 @@ impl<R: Read> Read for Tee<'_, R> {
 /// Reads `path` once, hashing the stored bytes and (through a decoder for
 /// gzip) the uncompressed tar, copying the stored bytes to `sink` if given.
 pub fn digest_layer(path: &Path, sink: Option<&mut File>) -> Result<LayerDigests, ImageError> {
-    let gzip = is_gzip(path)?;
+    let compression = compression(path)?;
     let file =
         File::open(path).map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
     let mut tee = Tee {
@@ -103,19 +132,19 @@ pub fn digest_layer(path: &Path, sink: Option<&mut File>) -> Result<LayerDigests
         Some(w) => ImageError::io(format!("copy {}", path.display()), w),
         None => ImageError::io(format!("read {}", path.display()), e),
     };
-    let diff_id = if gzip {
+    let compressed = compression != Compression::None;
+    let diff_id = if compressed {
         let mut hasher = Sha256::new();
-        let decoded = {
-            let mut decoder = MultiGzDecoder::new(&mut tee);
-            copy_into_hasher(&mut decoder, &mut hasher)
-        };
+        let decoded = compression
+            .decoder(&mut tee)
+            .and_then(|mut decoder| copy_into_hasher(&mut decoder, &mut hasher));
         match decoded {
             Ok(()) => Ok(format!("sha256:{}", hex::encode(hasher.finalize()))),
             Err(e) => {
                 if let Some(w) = tee.write_error.take() {
                     return Err(ImageError::io(format!("copy {}", path.display()), w));
                 }
-                Err(format!("gzip: {e}"))
+                Err(format!("{compression:?}: {e}"))
             }
         }
     } else {
@@ -125,12 +154,16 @@ pub fn digest_layer(path: &Path, sink: Option<&mut File>) -> Result<LayerDigests
     // still part of the blob.
     io::copy(&mut tee, &mut io::sink()).map_err(|e| read_err(&mut tee, e))?;
     let digest = format!("sha256:{}", hex::encode(tee.hasher.finalize()));
-    let diff_id = if gzip { diff_id } else { Ok(digest.clone()) };
+    let diff_id = if compressed {
+        diff_id
+    } else {
+        Ok(digest.clone())
+    };
     Ok(LayerDigests {
         digest,
         size: tee.size,
         diff_id,
-        gzip,
+        compression,
     })
 }
 
@@ -170,7 +203,7 @@ mod tests {
                 digest: plain_digest.clone(),
                 size: 9,
                 diff_id: Ok(plain_digest.clone()),
-                gzip: false
+                compression: Compression::None
             }
         );
         let mut copy = File::create(dir.path().join("copy")).unwrap();
@@ -180,7 +213,7 @@ mod tests {
                 digest: sha256_digest(&gz_bytes),
                 size: gz_bytes.len() as u64,
                 diff_id: Ok(plain_digest),
-                gzip: true
+                compression: Compression::Gzip
             }
         );
         assert_eq!(std::fs::read(dir.path().join("copy")).unwrap(), gz_bytes);
@@ -194,8 +227,8 @@ mod tests {
         std::fs::write(&bad, bytes).unwrap();
         let d = digest_layer(&bad, None).unwrap();
         assert_eq!(
-            (d.digest, d.size, d.gzip),
-            (sha256_digest(&bytes), 13, true)
+            (d.digest, d.size, d.compression),
+            (sha256_digest(&bytes), 13, Compression::Gzip)
         );
         assert!(d.diff_id.is_err());
     }

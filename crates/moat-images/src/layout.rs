@@ -9,7 +9,7 @@
 //! unreferenced objects, holds an flock on `root/index.lock`, so two
 //! processes never lose each other's updates or sweep each other's work.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 
-use crate::digest::{digest_layer, sha256_digest};
+use crate::digest::{digest_layer, sha256_digest, Compression};
 use crate::error::ImageError;
 use crate::fsutil::{
     fsync_dir, remove_tree, sweep_stale_tmp, tmp_name, trash_and_remove, write_atomic, TMP_MARK,
@@ -26,7 +26,7 @@ use crate::fsutil::{
 use crate::oci::{
     digest_hex, now_rfc3339, oci_arch, Descriptor, History, ImageConfig, Index, Manifest,
     OciLayout, RootFs, RuntimeConfig, ANNOTATION_REF_NAME, LAYOUT_VERSION, MEDIA_CONFIG,
-    MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_MANIFEST,
+    MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST,
 };
 use crate::reference::Reference;
 use crate::unpack::LayerUnpacker;
@@ -59,7 +59,7 @@ pub struct ImageStore {
 }
 
 /// Held while index.json may change or objects are swept.
-struct IndexLock(#[allow(dead_code)] Flock<File>);
+pub(crate) struct IndexLock(#[allow(dead_code)] Flock<File>);
 
 /// Blobs and diff ids that some index entry still needs.
 struct Marks {
@@ -136,63 +136,104 @@ impl ImageStore {
         // Held throughout, so that a concurrent `remove` cannot sweep the
         // blobs written here before the index names them.
         let _lock = self.lock()?;
-        let (layer, diff_id) = self.put_layer_blob(tar)?;
-        let mut written = vec![layer.digest.clone()];
-        let result = self.finish_import(
-            &layer,
-            &diff_id,
-            reference,
-            created_by,
-            unpacker,
-            &mut written,
-        );
-        if result.is_err() {
-            self.drop_unreferenced_blobs(&written);
-        }
-        result
-    }
-
-    fn finish_import(
-        &self,
-        layer: &Descriptor,
-        diff_id: &str,
-        reference: &Reference,
-        created_by: &str,
-        unpacker: &dyn LayerUnpacker,
-        written: &mut Vec<String>,
-    ) -> Result<ImageInfo, ImageError> {
         let created = now_rfc3339();
         let config = ImageConfig {
             created: Some(created.clone()),
             architecture: oci_arch().to_string(),
             os: "linux".to_string(),
             config: RuntimeConfig {
-                user: String::new(),
                 env: vec![DEFAULT_PATH.to_string()],
+                ..RuntimeConfig::default()
             },
             rootfs: RootFs {
                 kind: "layers".to_string(),
-                diff_ids: vec![diff_id.to_string()],
+                diff_ids: Vec::new(),
             },
-            history: vec![History {
-                created: Some(created.clone()),
+            ..ImageConfig::default()
+        };
+        self.stack_layer(Vec::new(), config, tar, reference, created_by, unpacker)
+    }
+
+    /// Stacks a layer tarball (the changes a sandbox made) on `base` and
+    /// names the result `reference`; `labels` go into the config, next to
+    /// the ones `base` had, and the history records `created_by`.
+    pub fn commit_layer(
+        &self,
+        base: &ImageInfo,
+        tar: &Path,
+        reference: &Reference,
+        created_by: &str,
+        labels: BTreeMap<String, String>,
+        unpacker: &dyn LayerUnpacker,
+    ) -> Result<ImageInfo, ImageError> {
+        let _lock = self.lock()?;
+        let manifest: Manifest = self.read_json_blob(&base.id)?;
+        let mut config: ImageConfig = self.read_json_blob(&manifest.config.digest)?;
+        config.config.labels.extend(labels);
+        let layers = manifest
+            .layers
+            .into_iter()
+            .map(|mut l| {
+                l.media_type = oci_layer_media(&l.media_type).to_string();
+                l
+            })
+            .collect();
+        self.stack_layer(layers, config, tar, reference, created_by, unpacker)
+    }
+
+    /// Writes `tar` as a new top layer over `layers` (whose diff ids are in
+    /// `config`), then the config, the manifest and the name. Callers hold
+    /// the lock, so that a concurrent `remove` cannot sweep the blobs
+    /// written here before the index names them.
+    fn stack_layer(
+        &self,
+        mut layers: Vec<Descriptor>,
+        mut config: ImageConfig,
+        tar: &Path,
+        reference: &Reference,
+        created_by: &str,
+        unpacker: &dyn LayerUnpacker,
+    ) -> Result<ImageInfo, ImageError> {
+        let (layer, diff_id) = self.put_layer_blob(tar)?;
+        let mut written = vec![layer.digest.clone()];
+        let result = (|| {
+            let created = now_rfc3339();
+            config.created = Some(created.clone());
+            config.rootfs.diff_ids.push(diff_id.clone());
+            config.history.push(History {
+                created: Some(created),
                 created_by: Some(created_by.to_string()),
-            }],
-        };
-        let config_desc = self.put_json_blob(MEDIA_CONFIG, &to_json(&config)?)?;
-        written.push(config_desc.digest.clone());
-        let manifest = Manifest {
-            schema_version: 2,
-            media_type: Some(MEDIA_MANIFEST.to_string()),
-            config: config_desc,
-            layers: vec![layer.clone()],
-        };
-        let mut manifest_desc = self.put_json_blob(MEDIA_MANIFEST, &to_json(&manifest)?)?;
-        written.push(manifest_desc.digest.clone());
+                ..History::default()
+            });
+            layers.push(layer.clone());
+            let config_desc = self.put_json_blob(MEDIA_CONFIG, &to_json(&config)?)?;
+            written.push(config_desc.digest.clone());
+            let manifest = Manifest {
+                schema_version: 2,
+                media_type: Some(MEDIA_MANIFEST.to_string()),
+                config: config_desc,
+                layers,
+                extra: serde_json::Map::new(),
+            };
+            let manifest_bytes = to_json(&manifest)?;
+            let manifest_desc = self.put_json_blob(MEDIA_MANIFEST, &manifest_bytes)?;
+            written.push(manifest_desc.digest.clone());
+            // The blob was hashed as it was written, so no second verify pass.
+            self.ensure_layer(&layer, &diff_id, unpacker, false)?;
+            self.set_name_locked(reference, manifest_desc)
+        })();
+        if result.is_err() {
+            self.drop_unreferenced_blobs(&written);
+        }
+        result
+    }
 
-        // The blob was hashed as it was written, so no second verify pass.
-        self.ensure_layer(layer, diff_id, unpacker, false)?;
-
+    /// Points `reference` at a manifest already in the store. Callers hold the lock.
+    pub(crate) fn set_name_locked(
+        &self,
+        reference: &Reference,
+        mut manifest_desc: Descriptor,
+    ) -> Result<ImageInfo, ImageError> {
         let name = reference.to_string();
         manifest_desc
             .annotations
@@ -207,15 +248,38 @@ impl ImageStore {
         // Unpacked layers stay: a sandbox may still mount them, and only
         // `remove` is told which ones.
         if let Err(e) = self.sweep(&index, None) {
-            tracing::warn!("could not sweep unreferenced blobs after import: {e}");
+            tracing::warn!("could not sweep unreferenced blobs after naming {name}: {e}");
         }
-        Ok(ImageInfo {
-            reference: name,
-            id: manifest_desc.digest,
-            created,
-            size: layer.size,
-            layers: vec![diff_id.to_string()],
-        })
+        self.image_info(&manifest_desc, &name)
+    }
+
+    /// Gives the image `source` a second name, as `docker tag` does.
+    pub fn tag(&self, source: &Reference, target: &Reference) -> Result<ImageInfo, ImageError> {
+        let _lock = self.lock()?;
+        let entry = self.entry(source)?;
+        let desc = Descriptor::new(entry.media_type.as_str(), entry.digest.clone(), entry.size);
+        self.set_name_locked(target, desc)
+    }
+
+    /// The index entry of a name, or NotFound.
+    pub(crate) fn entry(&self, reference: &Reference) -> Result<Descriptor, ImageError> {
+        let name = reference.to_string();
+        self.read_index()?
+            .manifests
+            .into_iter()
+            .find(|d| d.ref_name() == Some(name.as_str()))
+            .ok_or(ImageError::NotFound { reference: name })
+    }
+
+    /// The manifest and config of a stored image, as the registry and
+    /// `image inspect` see them.
+    pub fn manifest_and_config(
+        &self,
+        image: &ImageInfo,
+    ) -> Result<(Manifest, ImageConfig), ImageError> {
+        let manifest: Manifest = self.read_json_blob(&image.id)?;
+        let config: ImageConfig = self.read_json_blob(&manifest.config.digest)?;
+        Ok((manifest, config))
     }
 
     /// All named images, sorted by reference. An image whose manifest or
@@ -346,7 +410,7 @@ impl ImageStore {
         self.root.join("index.json")
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
         let hex = digest_hex(digest).ok_or_else(|| {
             corrupt(
                 &self.index_path(),
@@ -358,7 +422,7 @@ impl ImageStore {
 
     // ---- index ----
 
-    fn lock(&self) -> Result<IndexLock, ImageError> {
+    pub(crate) fn lock(&self) -> Result<IndexLock, ImageError> {
         let path = self.root.join("index.lock");
         let file = fs::OpenOptions::new()
             .create(true)
@@ -407,10 +471,10 @@ impl ImageStore {
             fs::rename(&tmp, &target)
                 .map_err(|e| ImageError::io(format!("write {}", target.display()), e))?;
             fsync_dir(&dir)?;
-            let media = if digests.gzip {
-                MEDIA_LAYER_GZIP
-            } else {
-                MEDIA_LAYER_TAR
+            let media = match digests.compression {
+                Compression::None => MEDIA_LAYER_TAR,
+                Compression::Gzip => MEDIA_LAYER_GZIP,
+                Compression::Zstd => MEDIA_LAYER_ZSTD,
             };
             Ok((
                 Descriptor::new(media, digests.digest, digests.size),
@@ -423,7 +487,11 @@ impl ImageStore {
         result
     }
 
-    fn put_json_blob(&self, media_type: &str, bytes: &[u8]) -> Result<Descriptor, ImageError> {
+    pub(crate) fn put_json_blob(
+        &self,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Descriptor, ImageError> {
         let digest = sha256_digest(bytes);
         let path = self.blob_path(&digest)?;
         let name = path
@@ -435,7 +503,18 @@ impl ImageStore {
     }
 
     /// Reads a small JSON blob, checking it against its digest.
-    fn read_json_blob<T: DeserializeOwned>(&self, digest: &str) -> Result<T, ImageError> {
+    pub(crate) fn read_json_blob<T: DeserializeOwned>(
+        &self,
+        digest: &str,
+    ) -> Result<T, ImageError> {
+        let bytes = self.read_small_blob(digest)?;
+        let path = self.blob_path(digest)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| corrupt(&path, format!("it does not parse as expected: {e}")))
+    }
+
+    /// The bytes of a manifest or config, checked against their digest.
+    pub(crate) fn read_small_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(digest)?;
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -455,8 +534,7 @@ impl ImageStore {
                 digest: digest.to_string(),
             });
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| corrupt(&path, format!("it does not parse as expected: {e}")))
+        Ok(bytes)
     }
 
     fn image_info(&self, entry: &Descriptor, name: &str) -> Result<ImageInfo, ImageError> {
@@ -653,6 +731,15 @@ impl ImageStore {
                 }
             }
         }
+    }
+}
+
+/// Docker's layer media types as their OCI equivalents, for manifests moat writes.
+fn oci_layer_media(media: &str) -> &str {
+    match media {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => MEDIA_LAYER_GZIP,
+        "application/vnd.docker.image.rootfs.diff.tar" => MEDIA_LAYER_TAR,
+        other => other,
     }
 }
 

@@ -134,6 +134,7 @@ fn import_list_get_layer_dirs_remove_round_trip() {
                 diff_id.clone(),
                 tar.len() as u64
             )],
+            extra: serde_json::Map::new(),
         }
     );
     let config: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap();

@@ -7,6 +7,7 @@
 //! serialised between processes by an flock; layer tarballs are unpacked
 //! with hand-made path checks because they may come from anywhere.
 
+mod diff;
 mod digest;
 mod error;
 mod fsutil;
@@ -16,6 +17,7 @@ mod reference;
 pub mod template;
 mod unpack;
 
+pub use diff::{write_upper_layer, LayerSummary};
 pub use error::ImageError;
 pub use layout::{ImageInfo, ImageStore};
 pub use oci::now_rfc3339;

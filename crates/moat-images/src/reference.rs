@@ -1,6 +1,8 @@
-//! Image references: `NAME[:TAG]`, where NAME may start with a registry host
-//! and port (`localhost:5000/a/b`). Only lower case, so that a name has one
-//! spelling in the index.
+//! Image references: `NAME[:TAG][@sha256:HEX]`, where NAME may start with a
+//! registry host and port (`localhost:5000/a/b`). Only lower case, so that a
+//! name has one spelling in the index. As Docker reads them, the first
+//! component is a registry when it has a `.` or a `:` or is `localhost`;
+//! otherwise the name is local (or Docker Hub's, which is not reachable here).
 
 use crate::error::ImageError;
 
@@ -10,6 +12,8 @@ use crate::error::ImageError;
 pub struct Reference {
     pub name: String,
     pub tag: String,
+    /// `sha256:<hex>`: the image by content; the tag is then ignored.
+    pub digest: Option<String>,
 }
 
 const MAX_NAME: usize = 255;
@@ -25,6 +29,17 @@ impl Reference {
         if s.is_empty() {
             return Err(bad("it is empty"));
         }
+        let (s, digest) = match s.split_once('@') {
+            Some((rest, digest)) => {
+                if crate::oci::digest_hex(digest).is_none() {
+                    return Err(bad(
+                        "the part after '@' must be sha256:<64 lower-case hex digits>",
+                    ));
+                }
+                (rest, Some(digest.to_string()))
+            }
+            None => (s, None),
+        };
         if let Some(c) = s
             .chars()
             .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '/' | '-' | ':'))
@@ -45,7 +60,32 @@ impl Reference {
         Ok(Reference {
             name: name.to_string(),
             tag: tag.to_string(),
+            digest,
         })
+    }
+
+    /// The registry host (and port) the name starts with, if it names one.
+    pub fn registry(&self) -> Option<&str> {
+        let (first, rest) = self.name.split_once('/')?;
+        let is_host = first.contains(['.', ':']) || first == "localhost";
+        (is_host && !rest.is_empty()).then_some(first)
+    }
+
+    /// The repository path within the registry (`me/app` of `localhost:5000/me/app`).
+    pub fn repository(&self) -> &str {
+        match self.registry() {
+            Some(host) => &self.name[host.len() + 1..],
+            None => &self.name,
+        }
+    }
+
+    /// The same name with another tag (and no digest).
+    pub fn with_tag(&self, tag: &str) -> Reference {
+        Reference {
+            name: self.name.clone(),
+            tag: tag.to_string(),
+            digest: None,
+        }
     }
 }
 
@@ -99,7 +139,10 @@ fn validate_tag(tag: &str) -> Result<(), String> {
 
 impl std::fmt::Display for Reference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.name, self.tag)
+        match &self.digest {
+            Some(digest) => write!(f, "{}@{digest}", self.name),
+            None => write!(f, "{}:{}", self.name, self.tag),
+        }
     }
 }
 
@@ -112,7 +155,57 @@ mod tests {
         Reference {
             name: name.into(),
             tag: tag.into(),
+            digest: None,
         }
+    }
+
+    #[test]
+    fn finds_registries_and_digests() {
+        let hex = "ab".repeat(32);
+        let cases = [
+            "localhost:5000/me/app:v1".to_string(),
+            "registry.example.com/team/x".into(),
+            "localhost/a".into(),
+            "me/app".into(),
+            "app".into(),
+            format!("localhost:5000/me/app@sha256:{hex}"),
+        ];
+        let got: Vec<(Option<String>, String, String)> = cases
+            .iter()
+            .map(|s| {
+                let r = Reference::parse(s).unwrap();
+                (
+                    r.registry().map(str::to_string),
+                    r.repository().to_string(),
+                    r.to_string(),
+                )
+            })
+            .collect();
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            got,
+            vec![
+                (
+                    some("localhost:5000"),
+                    "me/app".into(),
+                    "localhost:5000/me/app:v1".into()
+                ),
+                (
+                    some("registry.example.com"),
+                    "team/x".into(),
+                    "registry.example.com/team/x:latest".into()
+                ),
+                (some("localhost"), "a".into(), "localhost/a:latest".into()),
+                (None, "me/app".into(), "me/app:latest".into()),
+                (None, "app".into(), "app:latest".into()),
+                (
+                    some("localhost:5000"),
+                    "me/app".into(),
+                    format!("localhost:5000/me/app@sha256:{hex}")
+                ),
+            ]
+        );
+        assert!(Reference::parse("a@sha256:12").is_err());
     }
 
     #[test]
@@ -167,6 +260,7 @@ mod tests {
             "a/",
             "a b",
             "a@sha256:00",
+            "a@",
             "a:b:c",
             "host:port/a",
             "a/b:5000/c",

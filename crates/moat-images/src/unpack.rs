@@ -6,9 +6,10 @@
 //! symbolic link the archive made, and device nodes and fifos are refused.
 //!
 //! OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`) delete files of *lower*
-//! layers. Every image is one layer today, so they have nothing to act on
-//! and are skipped (and logged); turning them into overlayfs whiteouts
-//! arrives with registry pulls of multi-layer images.
+//! layers. The unpacked layers are stacked by overlayfs, mounted with
+//! `userxattr`, so they become overlayfs's own markers: a whiteout is a
+//! character device 0/0 (which the kernel lets anyone make), an opaque
+//! directory carries `user.overlay.opaque=y`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -59,22 +60,19 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), ImageError> {
         chown: nix::unistd::geteuid().is_root(),
         symlinks: HashSet::new(),
         dirs: BTreeMap::new(),
-        whiteouts: Vec::new(),
     };
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         state.entry(&mut entry)?;
     }
-    state.finish_dirs()?;
-    if !state.whiteouts.is_empty() {
-        tracing::debug!(
-            "skipped {} whiteout(s) in {}: single-layer images have nothing below to hide",
-            state.whiteouts.len(),
-            blob.display()
-        );
-    }
-    Ok(())
+    state.finish_dirs()
 }
+
+/// The OCI name of a whiteout and of an opaque-directory marker.
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The xattr overlayfs (mounted with `userxattr`) reads as "opaque directory".
+pub(crate) const OVERLAY_OPAQUE_XATTR: &str = "user.overlay.opaque";
 
 /// Owner, mode and mtime of a directory, applied once its contents exist.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +91,6 @@ struct Unpacker<'a> {
     symlinks: HashSet<PathBuf>,
     /// Directories to finish, deepest applied first (reverse path order).
     dirs: BTreeMap<PathBuf, Meta>,
-    whiteouts: Vec<PathBuf>,
 }
 
 fn unsafe_entry(name: &str, reason: impl Into<String>) -> ImageError {
@@ -147,12 +144,13 @@ impl Unpacker<'_> {
             .map_err(|e| unsafe_entry(&name, format!("its path is unreadable: {e}")))?;
         let rel = safe_relative(&raw, &name, "its path")?;
 
-        if rel
+        let whiteout = rel
             .file_name()
-            .is_some_and(|f| f.to_string_lossy().starts_with(".wh."))
-        {
-            self.whiteouts.push(rel);
-            return Ok(());
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_prefix(WHITEOUT_PREFIX))
+            .map(str::to_string);
+        if let Some(hidden) = whiteout {
+            return self.whiteout(&rel, &hidden, &name);
         }
         match kind {
             EntryType::Char => return Err(unsafe_entry(&name, "it is a character device")),
@@ -257,6 +255,50 @@ impl Unpacker<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `dir/.wh.NAME` hides `dir/NAME` of the layers below; `dir/.wh..wh..opq`
+    /// hides everything below in `dir`.
+    fn whiteout(&mut self, rel: &Path, hidden: &str, name: &str) -> Result<(), ImageError> {
+        self.check_parents(rel, name, "its path")?;
+        self.make_parents(rel, name)?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if format!("{WHITEOUT_PREFIX}{hidden}") == OPAQUE_MARKER {
+            let dir = self.dest.join(parent);
+            let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+                .map_err(|e| self.io_err(name, io::Error::other(e)))?;
+            let key = std::ffi::CString::new(OVERLAY_OPAQUE_XATTR)
+                .map_err(|e| self.io_err(name, io::Error::other(e)))?;
+            // lsetxattr: the parent was checked not to be a symlink we made.
+            // SAFETY: both strings are NUL-terminated and outlive the call.
+            let rc = unsafe {
+                libc::lsetxattr(c_dir.as_ptr(), key.as_ptr(), b"y".as_ptr().cast(), 1, 0)
+            };
+            if rc != 0 {
+                return Err(self.io_err(name, io::Error::last_os_error()));
+            }
+            return Ok(());
+        }
+        if hidden.starts_with(WHITEOUT_PREFIX) {
+            // aufs's own bookkeeping (`.wh..wh.plnk`, `.wh..wh.aufs`), as Docker skips it.
+            return Ok(());
+        }
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(unsafe_entry(
+                name,
+                "it is a whiteout with no valid name to hide",
+            ));
+        }
+        let target_rel = parent.join(hidden);
+        let path = self.dest.join(&target_rel);
+        self.clear(&path, &target_rel, name, false)?;
+        nix::sys::stat::mknod(
+            &path,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .map_err(|e| self.io_err(name, e.into()))
     }
 
     fn bad(&self, name: &str, e: io::Error) -> ImageError {
@@ -624,7 +666,6 @@ mod tests {
             dir("ro/", 0o555),
             file("ro/inside", 0o444, b"ro"),
             file("implicit/parent/f", 0o600, b"f"),
-            file("etc/.wh.gone", 0o644, b""),
         ]);
         unpack_layer(&c.blob, &c.dest).unwrap();
         assert_eq!(
@@ -672,6 +713,46 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             assert_eq!((sudo.uid(), sudo.gid()), (0, 0));
         }
+    }
+
+    #[test]
+    fn turns_whiteouts_into_overlay_markers() {
+        let c = case(&[
+            dir("etc/", 0o755),
+            file("etc/.wh.gone", 0o644, b""),
+            file("etc/.wh..wh.plnk", 0o644, b""),
+            dir("var/", 0o755),
+            file("var/.wh..wh..opq", 0o644, b""),
+            file("var/new", 0o644, b"n"),
+        ]);
+        unpack_layer(&c.blob, &c.dest).unwrap();
+        assert_eq!(listing(&c.dest), vec!["etc", "etc/gone", "var", "var/new"]);
+        let gone = fs::symlink_metadata(c.dest.join("etc/gone")).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert_eq!((gone.file_type().is_char_device(), gone.rdev()), (true, 0));
+        let mut value = [0u8; 8];
+        let path = std::ffi::CString::new(c.dest.join("var").into_os_string().into_encoded_bytes())
+            .unwrap();
+        let key = std::ffi::CString::new(OVERLAY_OPAQUE_XATTR).unwrap();
+        // SAFETY: valid C strings and a buffer of the given length.
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                key.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert_eq!(&value[..n.max(0) as usize], b"y");
+
+        let through_link = case(&[
+            link(EntryType::Symlink, "a", "/etc"),
+            file("a/.wh.passwd", 0o644, b""),
+        ]);
+        assert!(matches!(
+            unpack_layer(&through_link.blob, &through_link.dest),
+            Err(ImageError::UnsafeEntry { .. })
+        ));
     }
 
     #[test]

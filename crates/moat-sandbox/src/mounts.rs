@@ -69,7 +69,7 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
         .map(|p| p.display().to_string())
         .collect();
     let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},userxattr",
         lower.join(":"),
         spec.upper_dir.display(),
         spec.work_dir.display()
