@@ -132,6 +132,8 @@ impl<W: Write> Walk<'_, W> {
         let mut h = Header::new_gnu();
         h.set_entry_type(EntryType::Regular);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_mtime(0);
         h.set_size(0);
         self.tar

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 /// Everything that can go wrong in the image store, the unpacker and template builds.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// A registry refused or broke off, or sent something that does not check out.
+    #[error("registry: {reference}: {reason}")]
+    Registry { reference: String, reason: String },
+
     /// A user-supplied image reference does not parse.
     #[error("invalid image reference {reference:?}: {reason}; use lower-case NAME[:TAG], e.g. moat/shell:v1")]
     InvalidReference { reference: String, reason: String },

@@ -7,6 +7,7 @@
 //! serialised between processes by an flock; layer tarballs are unpacked
 //! with hand-made path checks because they may come from anywhere.
 
+pub mod archive;
 mod diff;
 mod digest;
 mod error;
@@ -14,6 +15,7 @@ mod fsutil;
 mod layout;
 mod oci;
 mod reference;
+pub mod registry;
 pub mod template;
 mod unpack;
 
