@@ -63,6 +63,37 @@ pub enum Request {
     TemplateBuild {
         name: String,
     },
+    /// The sandbox's changes as a new image; with an OCI archive descriptor
+    /// (passed along) the image goes there instead of the store.
+    SandboxSave {
+        name: String,
+        reference: String,
+        to_archive: bool,
+    },
+    ImageTag {
+        source: String,
+        target: String,
+    },
+    ImagePush {
+        reference: String,
+    },
+    ImagePull {
+        reference: String,
+    },
+    ImageInspect {
+        reference: String,
+    },
+    /// An OCI archive, whose descriptor travels with the request.
+    ImageLoad,
+    /// Store credentials for a registry (checked against it first).
+    RegistryLogin {
+        registry: String,
+        username: String,
+        password: SecretValue,
+    },
+    RegistryLogout {
+        registry: String,
+    },
 }
 
 /// Every reply is a stream of these, ending in `Ok`, `Error` or `Exited`.
@@ -71,6 +102,12 @@ pub enum Request {
 pub enum Reply {
     Progress {
         message: String,
+    },
+    /// Bytes of one blob moved so far, for a progress bar.
+    Transfer {
+        id: String,
+        done: u64,
+        total: u64,
     },
     /// Something the user should see on stderr, such as a limit that cannot be enforced.
     Warning {
@@ -101,6 +138,10 @@ pub struct CreateSandbox {
     /// Absolute host paths; the first is the main workspace. `:ro` marks read-only extras.
     pub workspaces: Vec<String>,
     pub limits: LimitsRequest,
+    /// `always`, `missing` (the default) or `never`: when to pull the
+    /// template from its registry.
+    #[serde(default)]
+    pub pull_template: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

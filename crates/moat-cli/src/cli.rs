@@ -3,7 +3,7 @@
 //! the image store. Every command is a request to the daemon.
 
 use std::io::{IsTerminal, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +14,7 @@ use moat_api::{
 };
 use moat_images::ImageInfo;
 
-use crate::client::call;
+use crate::client::{call, call_with_fds};
 use crate::output::{human_size, table, truncate};
 use crate::terminal;
 
@@ -57,7 +57,7 @@ struct CreateFlags {
     /// Template or image to start from (default: the agent's template)
     #[arg(short = 't', long = "template")]
     template: Option<String>,
-    /// When to pull the template image: always, missing or never (images are local for now)
+    /// When to pull a template image that names a registry: always, missing or never
     #[arg(long = "pull-template", default_value = "missing")]
     pull_template: String,
     /// Memory limit, e.g. 2g
@@ -169,6 +169,15 @@ enum SandboxCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Save a stopped sandbox's changes as an image (its image plus one layer)
+    Save {
+        name: String,
+        /// The new image's name, e.g. my-agent:latest
+        reference: String,
+        /// Write an OCI archive to this file instead of storing the image
+        #[arg(short, long)]
+        output: Option<String>,
+    },
     /// Network policy and log of sandboxes
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -236,6 +245,34 @@ enum ImageCmd {
     },
     /// Import a root file system tarball as an image
     Import { tarball: String, reference: String },
+    /// Give an image another name: SOURCE TARGET
+    Tag { source: String, target: String },
+    /// Push an image to the registry its name starts with
+    Push { reference: String },
+    /// Pull an image from the registry its name starts with
+    Pull { reference: String },
+    /// Show images' manifests and configs as JSON
+    Inspect {
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Load the images of an OCI archive
+    Load {
+        /// The archive (default: stdin)
+        #[arg(short, long)]
+        input: Option<String>,
+    },
+    /// Store credentials for a registry (the daemon's user alone can read them)
+    Login {
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// Read the password from stdin
+        #[arg(long = "password-stdin")]
+        password_stdin: bool,
+    },
+    /// Forget the credentials for a registry
+    Logout { registry: String },
 }
 
 #[derive(Subcommand)]
@@ -356,6 +393,7 @@ fn create_request(
             cpus: flags.cpus,
             pids: flags.pids_limit,
         },
+        pull_template: Some(flags.pull_template.clone()),
     })
 }
 
@@ -526,6 +564,37 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
             }
             let removed: Vec<String> = call(&Request::SandboxReset)?;
             removed.iter().for_each(|n| println!("{n}"));
+            Ok(0)
+        }
+        SandboxCmd::Save {
+            name,
+            reference,
+            output,
+        } => {
+            let archive = output
+                .as_deref()
+                .map(|path| {
+                    std::fs::File::create(path).with_context(|| format!("cannot create {path}"))
+                })
+                .transpose()?;
+            let fds: Vec<i32> = archive.iter().map(AsRawFd::as_raw_fd).collect();
+            let result = call_with_fds::<ImageInfo>(
+                &Request::SandboxSave {
+                    name,
+                    reference,
+                    to_archive: archive.is_some(),
+                },
+                &fds,
+            );
+            match (result, output) {
+                (Ok(_), Some(path)) => println!("Wrote {path}"),
+                (Ok(info), None) => println!("{}", info.id),
+                (Err(e), Some(path)) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                (Err(e), None) => return Err(e),
+            }
             Ok(0)
         }
         SandboxCmd::Ports {
@@ -731,6 +800,73 @@ fn image(cmd: ImageCmd) -> Result<i32> {
             call::<ImageInfo>(&Request::ImageRm { reference })
                 .map(|i| format!("Untagged: {}", i.reference))
         }),
+        ImageCmd::Tag { source, target } => {
+            call::<ImageInfo>(&Request::ImageTag { source, target })?;
+            Ok(0)
+        }
+        ImageCmd::Push { reference } => {
+            let summary: serde_json::Value = call(&Request::ImagePush {
+                reference: reference.clone(),
+            })?;
+            let count = |k: &str| summary[k].as_array().map_or(0, Vec::len);
+            println!(
+                "Pushed {reference}@{} ({} uploaded, {} mounted, {} already there)",
+                summary["digest"].as_str().unwrap_or_default(),
+                count("uploaded"),
+                count("mounted"),
+                count("skipped")
+            );
+            Ok(0)
+        }
+        ImageCmd::Pull { reference } => {
+            let info: ImageInfo = call(&Request::ImagePull { reference })?;
+            println!("Pulled {} ({})", info.reference, info.id);
+            Ok(0)
+        }
+        ImageCmd::Inspect { references } => {
+            let mut out = Vec::new();
+            for reference in references {
+                out.push(call::<serde_json::Value>(&Request::ImageInspect { reference })?);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(0)
+        }
+        ImageCmd::Load { input } => {
+            let file = match input {
+                Some(path) => std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?,
+                None => std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?),
+            };
+            let loaded: Vec<ImageInfo> = call_with_fds(&Request::ImageLoad, &[file.as_raw_fd()])?;
+            for info in loaded {
+                println!("Loaded image: {}", info.reference);
+            }
+            Ok(0)
+        }
+        ImageCmd::Login {
+            registry,
+            username,
+            password_stdin,
+        } => {
+            let password = if password_stdin {
+                let mut p = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut p)?;
+                p.trim_end_matches(['\n', '\r']).to_string()
+            } else {
+                read_key(&format!("{username}@{registry} (password)"))?
+            };
+            let message: String = call(&Request::RegistryLogin {
+                registry,
+                username,
+                password: moat_api::SecretValue(password),
+            })?;
+            println!("{message}");
+            Ok(0)
+        }
+        ImageCmd::Logout { registry } => {
+            let message: String = call(&Request::RegistryLogout { registry })?;
+            println!("{message}");
+            Ok(0)
+        }
         ImageCmd::Import { tarball, reference } => {
             let path = std::fs::canonicalize(&tarball)
                 .with_context(|| format!("cannot find {tarball}"))?;

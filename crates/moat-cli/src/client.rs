@@ -102,6 +102,7 @@ impl Call {
         loop {
             match self.next()?.0 {
                 Reply::Progress { message } => progress.show(&message),
+                Reply::Transfer { id, done, total } => progress.transfer(&id, done, total),
                 Reply::Warning { message } => progress.warn(&message),
                 Reply::Ok { value } => return Ok(value),
                 Reply::Error { message } => bail!("{message}"),
@@ -113,7 +114,12 @@ impl Call {
 
 /// Send `req` and return its result, decoded.
 pub fn call<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T> {
-    let value = Call::start(req, &[])?.result()?;
+    call_with_fds(req, &[])
+}
+
+/// `call`, passing descriptors (an archive to read or write) along.
+pub fn call_with_fds<T: serde::de::DeserializeOwned>(req: &Request, fds: &[RawFd]) -> Result<T> {
+    let value = Call::start(req, fds)?.result()?;
     serde_json::from_value(value).map_err(|e| {
         anyhow!("the daemon's answer does not parse ({e}); is it the same version as this moat?")
     })

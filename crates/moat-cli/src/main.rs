@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         let code = match role.as_str() {
             moat_sandbox::launch::INIT_ROLE => Some(moat_sandbox::init::main()),
             moat_daemon::UNPACK_ROLE => Some(moat_daemon::unpack_role_main(rest)),
+            moat_daemon::SAVE_ROLE => Some(moat_daemon::save_role_main(rest)),
             moat_daemon::REMOVE_ROLE => Some(moat_daemon::remove_role_main(rest)),
             _ => None,
         };

@@ -2,16 +2,49 @@
 
 use std::io::IsTerminal;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 
-/// A spinner on a terminal; plain lines otherwise.
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// A spinner on a terminal, with a bar per blob being moved; plain lines otherwise.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    bars: MultiProgress,
+    transfers: HashMap<String, ProgressBar>,
 }
 
 impl Progress {
     pub fn new() -> Progress {
-        Progress { bar: None }
+        Progress {
+            bar: None,
+            bars: MultiProgress::new(),
+            transfers: HashMap::new(),
+        }
+    }
+
+    /// Bytes of blob `id` moved so far.
+    pub fn transfer(&mut self, id: &str, done: u64, total: u64) {
+        if !std::io::stderr().is_terminal() {
+            if done == total {
+                eprintln!("{id}: {}", human_size(total));
+            }
+            return;
+        }
+        let bars = &self.bars;
+        let bar = self.transfers.entry(id.to_string()).or_insert_with(|| {
+            let b = bars.add(ProgressBar::new(total));
+            if let Ok(style) = ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b.set_prefix(id.to_string());
+            b
+        });
+        bar.set_position(done);
+        if done >= total {
+            bar.finish();
+        }
     }
 
     pub fn show(&mut self, message: &str) {
@@ -19,8 +52,9 @@ impl Progress {
             eprintln!("{message}");
             return;
         }
+        let bars = &self.bars;
         let bar = self.bar.get_or_insert_with(|| {
-            let b = ProgressBar::new_spinner();
+            let b = bars.add(ProgressBar::new_spinner());
             if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}") {
                 b.set_style(style);
             }

@@ -18,6 +18,14 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub gateway: GatewayConfig,
     pub models: ModelsConfig,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Registries (`host:port`) spoken to over plain HTTP. Loopback ones always are.
+    pub insecure: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -205,6 +213,11 @@ impl Config {
         self.gateway.static_names()?;
         moat_gateway::Policy::preset(&self.gateway.default_policy)
             .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
+        if let Some(v) = get("MOAT_INSECURE_REGISTRIES") {
+            self.registry
+                .insecure
+                .extend(v.split(',').map(str::trim).filter(|r| !r.is_empty()).map(String::from));
+        }
         if let Some(v) = get("MOAT_MODEL_PORT") {
             self.models.port = parse("MOAT_MODEL_PORT", v)?;
         }

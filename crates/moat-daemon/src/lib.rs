@@ -7,6 +7,7 @@
 pub mod config;
 mod exec;
 mod helpers;
+mod images;
 mod network;
 pub mod paths;
 mod ports;
@@ -16,7 +17,9 @@ mod server;
 pub mod state;
 
 pub use config::Config;
-pub use helpers::{remove_role_main, unpack_role_main, REMOVE_ROLE, UNPACK_ROLE};
+pub use helpers::{
+    remove_role_main, save_role_main, unpack_role_main, REMOVE_ROLE, SAVE_ROLE, UNPACK_ROLE,
+};
 pub use paths::Paths;
 pub use server::run;
 

@@ -43,23 +43,23 @@ struct Live {
 }
 
 pub struct Daemon {
-    paths: Paths,
-    config: Config,
-    exe: PathBuf,
-    idmap: IdMap,
-    hierarchy: Hierarchy,
-    state: Mutex<State>,
-    images: ImageStore,
+    pub(crate) paths: Paths,
+    pub(crate) config: Config,
+    pub(crate) exe: PathBuf,
+    pub(crate) idmap: IdMap,
+    pub(crate) hierarchy: Hierarchy,
+    pub(crate) state: Mutex<State>,
+    pub(crate) images: ImageStore,
     /// Serialises template builds and image changes.
-    image_lock: Mutex<()>,
+    pub(crate) image_lock: Mutex<()>,
     live: Arc<Mutex<HashMap<String, Live>>>,
-    gateway: Arc<moat_gateway::Gateway>,
-    secrets: crate::secrets::Secrets,
+    pub(crate) gateway: Arc<moat_gateway::Gateway>,
+    pub(crate) secrets: crate::secrets::Secrets,
     /// The key variables that hold the placeholder inside sandboxes.
     pub(crate) key_vars: Mutex<Vec<String>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -146,14 +146,14 @@ impl Daemon {
         &self.paths
     }
 
-    fn unpacker(&self) -> MappedUnpacker {
+    pub(crate) fn unpacker(&self) -> MappedUnpacker {
         MappedUnpacker {
             exe: self.exe.clone(),
             idmap: self.idmap.clone(),
         }
     }
 
-    fn row(&self, name: &str) -> Result<SandboxRow, DaemonError> {
+    pub(crate) fn row(&self, name: &str) -> Result<SandboxRow, DaemonError> {
         lock(&self.state)
             .by_name(name)?
             .ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))
@@ -218,7 +218,7 @@ impl Daemon {
             .template
             .clone()
             .unwrap_or_else(|| default_template.to_string());
-        let image = self.resolve_image(&template, r)?;
+        let image = self.resolve_image(&template, req.pull_template.as_deref(), r)?;
 
         let name = match &req.name {
             Some(n) => {
@@ -654,6 +654,7 @@ impl Daemon {
     fn resolve_image(
         &self,
         template_or_image: &str,
+        pull: Option<&str>,
         r: &Replies,
     ) -> Result<ImageInfo, DaemonError> {
         if template::recipe(template_or_image).is_some() {
@@ -665,8 +666,7 @@ impl Daemon {
             return self.build_template_locked(template_or_image, r);
         }
         let reference = Reference::parse(template_or_image)?;
-        let _guard = lock(&self.image_lock);
-        self.images.get(&reference)?.ok_or_else(|| {
+        self.image_for_create(&reference, pull, r)?.ok_or_else(|| {
             DaemonError::BadRequest(format!(
                 "unknown template or image {template_or_image:?}: templates are {}; images are listed by `moat image ls`",
                 template::names().join(", ")

@@ -180,5 +180,21 @@ fn dispatch(
             to_value(daemon.image_import(&path, &reference, r)?)
         }
         Request::TemplateBuild { name } => to_value(daemon.template_build(&name, r)?),
+        Request::SandboxSave {
+            name,
+            reference,
+            to_archive,
+        } => to_value(daemon.sandbox_save(&name, &reference, fds, to_archive, r)?),
+        Request::ImageTag { source, target } => to_value(daemon.image_tag(&source, &target)?),
+        Request::ImagePush { reference } => to_value(daemon.image_push(&reference, r)?),
+        Request::ImagePull { reference } => to_value(daemon.image_pull(&reference, r)?),
+        Request::ImageInspect { reference } => to_value(daemon.image_inspect(&reference)?),
+        Request::ImageLoad => to_value(daemon.image_load(fds, r)?),
+        Request::RegistryLogin {
+            registry,
+            username,
+            password,
+        } => to_value(daemon.registry_login(&registry, &username, &password.0)?),
+        Request::RegistryLogout { registry } => to_value(daemon.registry_logout(&registry)?),
     }
 }

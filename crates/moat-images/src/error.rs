@@ -75,7 +75,7 @@ pub enum ImageError {
 
 impl ImageError {
     /// Wraps an io::Error with a description of the operation that failed.
-    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         ImageError::Io {
             what: what.into(),
             source,

@@ -211,6 +211,35 @@ struct MediaTypeOnly {
     manifests: Option<serde_json::Value>,
 }
 
+/// Checks that the credentials in `opts` for `registry` are accepted, as
+/// `docker login` does: a token (or basic-auth) round trip and one
+/// authenticated request.
+pub fn check_login(registry: &str, opts: &RegistryOptions) -> Result<(), ImageError> {
+    let probe = Reference::parse(&format!("{registry}/moat-login-check:latest"))?;
+    let s = Session::new(&probe, opts)?;
+    runtime()?.block_on(async {
+        s.client
+            .auth(&s.image, &s.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| s.err(e))?;
+        match s.client.catalog(&s.image, &s.auth, Some(1), None).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("401") || text.to_lowercase().contains("unauthorized") {
+                    Err(ImageError::Registry {
+                        reference: registry.to_string(),
+                        reason: "the user name or password was refused".into(),
+                    })
+                } else {
+                    // A registry without a catalog still took the credentials.
+                    Ok(())
+                }
+            }
+        }
+    })
+}
+
 /// Pulls `reference` from its registry into the store and names it so.
 pub fn pull(
     store: &ImageStore,
