@@ -2,11 +2,14 @@
 # Install what moat needs on a Debian/Ubuntu host (as root, or through sudo):
 #   mmdebstrap  builds the `shell` template from Debian's packages
 #   uidmap      newuidmap/newgidmap, for rootless sandboxes
-# and, for the tests and benchmarks: bubblewrap (the speed peer), tmux (terminal tests).
+# and, for the tests and benchmarks: bubblewrap (the speed peer), tmux (terminal tests),
+# docker-registry (a real OCI registry), skopeo (a second OCI implementation and the
+# registry peer), apache2-utils (htpasswd, for a registry behind basic auth).
 # Installs only what is missing, so a second run costs nothing.
 set -euo pipefail
 need=()
-for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl openssl:openssl; do
+for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl openssl:openssl \
+    docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -166,13 +166,21 @@ impl<'a> Session<'a> {
 
 fn registry_error(reference: &Reference, e: impl std::fmt::Display) -> ImageError {
     let mut reason = e.to_string();
-    if reason.contains("401") || reason.to_lowercase().contains("unauthorized") {
+    if is_auth_error(&reason) {
         reason.push_str(" (log in first: moat image login REGISTRY)");
     }
     ImageError::Registry {
         reference: reference.to_string(),
         reason,
     }
+}
+
+/// Whether a registry error means the credentials were missing or refused.
+fn is_auth_error(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    ["401", "unauthorized", "not authorized", "authentication"]
+        .iter()
+        .any(|k| lower.contains(k))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ImageError> {
@@ -225,8 +233,7 @@ pub fn check_login(registry: &str, opts: &RegistryOptions) -> Result<(), ImageEr
         match s.client.catalog(&s.image, &s.auth, Some(1), None).await {
             Ok(_) => Ok(()),
             Err(e) => {
-                let text = e.to_string();
-                if text.contains("401") || text.to_lowercase().contains("unauthorized") {
+                if is_auth_error(&e.to_string()) {
                     Err(ImageError::Registry {
                         reference: registry.to_string(),
                         reason: "the user name or password was refused".into(),
