@@ -54,6 +54,13 @@ fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
     let _stop = StopDaemon;
     let registry = Registry::start(None);
     let saved = format!("{}/me/saved:v1", registry.host());
+    ensure_template();
+    // What an earlier run of this test left in its roots.
+    for old in moat_ok(&["image", "ls", "-q"]).lines() {
+        if old != "moat/shell:latest" {
+            moat_ok(&["image", "rm", old]);
+        }
+    }
 
     let sb = Sandbox::new("save");
     let deb = build_deb(sb.ws());
@@ -124,6 +131,7 @@ fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
     let loaded = moat_ok(&["image", "load", "-i", archive.to_str().unwrap()]);
     assert_eq!(loaded, format!("Loaded image: {archived}\n"));
     moat_ok(&["sandbox", "rm", &name]);
+    moat_ok(&["image", "rm", &archived, &saved]);
 }
 
 #[test]
