@@ -826,14 +826,18 @@ fn image(cmd: ImageCmd) -> Result<i32> {
         ImageCmd::Inspect { references } => {
             let mut out = Vec::new();
             for reference in references {
-                out.push(call::<serde_json::Value>(&Request::ImageInspect { reference })?);
+                out.push(call::<serde_json::Value>(&Request::ImageInspect {
+                    reference,
+                })?);
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(0)
         }
         ImageCmd::Load { input } => {
             let file = match input {
-                Some(path) => std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?,
+                Some(path) => {
+                    std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?
+                }
                 None => std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?),
             };
             let loaded: Vec<ImageInfo> = call_with_fds(&Request::ImageLoad, &[file.as_raw_fd()])?;

@@ -15,12 +15,19 @@ use common::*;
 use registry_support::*;
 
 fn skopeo(args: &[&str]) -> std::process::Output {
-    Command::new("skopeo").args(args).output().expect("skopeo is installed")
+    Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("skopeo is installed")
 }
 
 fn skopeo_ok(args: &[&str]) -> String {
     let out = skopeo(args);
-    assert!(out.status.success(), "skopeo {args:?}: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 
@@ -34,7 +41,11 @@ fn build_deb(dir: &std::path::Path) -> std::path::PathBuf {
         "Package: moat-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: moat <moat@example.com>\nDescription: a package the registry test installs\n",
     )
     .unwrap();
-    std::fs::write(root.join("usr/share/moat-hello/greeting"), "hello from a saved sandbox\n").unwrap();
+    std::fs::write(
+        root.join("usr/share/moat-hello/greeting"),
+        "hello from a saved sandbox\n",
+    )
+    .unwrap();
     let deb = dir.join("moat-hello.deb");
     let out = Command::new("dpkg-deb")
         .args(["--build", "--root-owner-group"])
@@ -72,13 +83,21 @@ fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
 
     let running = moat(&["sandbox", "save", &sb.name, &saved]);
     assert!(!running.status.success());
-    assert!(text(&running.stderr).contains("stop it first"), "{}", text(&running.stderr));
+    assert!(
+        text(&running.stderr).contains("stop it first"),
+        "{}",
+        text(&running.stderr)
+    );
 
     moat_ok(&["sandbox", "stop", &sb.name]);
     moat_ok(&["sandbox", "save", &sb.name, &saved]);
     let pushed = moat(&["image", "push", &saved]);
     assert!(pushed.status.success(), "{}", text(&pushed.stderr));
-    assert!(text(&pushed.stdout).contains("3 uploaded"), "{}", text(&pushed.stdout));
+    assert!(
+        text(&pushed.stdout).contains("3 uploaded"),
+        "{}",
+        text(&pushed.stdout)
+    );
 
     // A second implementation reads what moat pushed.
     let inspect: serde_json::Value = serde_json::from_str(&skopeo_ok(&[
@@ -89,7 +108,10 @@ fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
     .unwrap();
     assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2);
     assert_eq!(inspect["Labels"]["dev.moat.sandbox"], sb.name.as_str());
-    assert_eq!(inspect["Labels"]["org.opencontainers.image.base.name"], "moat/shell:latest");
+    assert_eq!(
+        inspect["Labels"]["org.opencontainers.image.base.name"],
+        "moat/shell:latest"
+    );
     let copy = tempfile::tempdir().unwrap();
     skopeo_ok(&[
         "copy",
@@ -106,7 +128,13 @@ fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
     let ws = tempfile::tempdir_in("/tmp").unwrap();
     let name = unique("restored");
     let created = moat(&[
-        "sandbox", "create", "--name", &name, "-t", &saved, "shell",
+        "sandbox",
+        "create",
+        "--name",
+        &name,
+        "-t",
+        &saved,
+        "shell",
         ws.path().to_str().unwrap(),
     ]);
     assert!(created.status.success(), "{}", text(&created.stderr));
@@ -125,7 +153,14 @@ fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
     moat_ok(&["sandbox", "stop", &name]);
     let archive = ws.path().join("oc.tar");
     let archived = format!("{}/me/archived:v2", registry.host());
-    moat_ok(&["sandbox", "save", &name, &archived, "-o", archive.to_str().unwrap()]);
+    moat_ok(&[
+        "sandbox",
+        "save",
+        &name,
+        &archived,
+        "-o",
+        archive.to_str().unwrap(),
+    ]);
     assert!(!moat_ok(&["image", "ls", "-q"]).contains("archived"));
     skopeo_ok(&["inspect", &format!("oci-archive:{}", archive.display())]);
     let loaded = moat_ok(&["image", "load", "-i", archive.to_str().unwrap()]);
@@ -143,30 +178,53 @@ fn a_registry_with_basic_auth_takes_a_push_after_login() {
 
     let denied = moat(&["image", "push", &target]);
     assert!(!denied.status.success());
-    assert!(text(&denied.stderr).contains("moat image login"), "{}", text(&denied.stderr));
+    assert!(
+        text(&denied.stderr).contains("moat image login"),
+        "{}",
+        text(&denied.stderr)
+    );
 
     let login = |password: &str| {
         let mut child = moat_cmd()
-            .args(["image", "login", &registry.host(), "-u", "moat", "--password-stdin"])
+            .args([
+                "image",
+                "login",
+                &registry.host(),
+                "-u",
+                "moat",
+                "--password-stdin",
+            ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let wrong = login("wrong");
     assert!(!wrong.status.success());
-    assert!(text(&wrong.stderr).contains("refused"), "{}", text(&wrong.stderr));
+    assert!(
+        text(&wrong.stderr).contains("refused"),
+        "{}",
+        text(&wrong.stderr)
+    );
     let right = login("s3cret-pw\n");
     assert!(right.status.success(), "{}", text(&right.stderr));
 
     let (state, _) = roots();
     let logins = state.join("registries.json");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&logins).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&logins).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     moat_ok(&["image", "push", &target]);
     skopeo_ok(&[
@@ -191,13 +249,24 @@ fn a_push_cut_off_halfway_completes_on_the_next_try() {
     let relay = CuttingRelay::start(port, registry.port, 40 << 20, 0);
     let cut = moat(&["image", "push", &target]);
     assert!(!cut.status.success(), "the relay cuts after 40 MiB");
-    assert!(text(&cut.stderr).contains("run the same command again"), "{}", text(&cut.stderr));
+    assert!(
+        text(&cut.stderr).contains("run the same command again"),
+        "{}",
+        text(&cut.stderr)
+    );
     drop(relay);
 
     let _relay = CuttingRelay::start(port, registry.port, 0, 0);
     let again = moat_ok(&["image", "push", &target]);
-    assert!(again.contains("1 uploaded, 0 mounted, 1 already there"), "{again}");
-    skopeo_ok(&["inspect", "--tls-verify=false", &format!("docker://{target}")]);
+    assert!(
+        again.contains("1 uploaded, 0 mounted, 1 already there"),
+        "{again}"
+    );
+    skopeo_ok(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{target}"),
+    ]);
     moat_ok(&["image", "rm", &target]);
 }
 
@@ -222,14 +291,25 @@ fn a_pull_cut_off_halfway_resumes_where_it_stopped() {
     let relay = CuttingRelay::start(port, registry.port, 0, 10 << 20);
     let cut = moat(&["image", "pull", &through_relay]);
     assert!(!cut.status.success(), "the relay cuts after 10 MiB");
-    assert!(text(&cut.stderr).contains("to resume"), "{}", text(&cut.stderr));
-    assert!(!moat_ok(&["image", "ls", "-q"]).contains("resume/noise"), "no half image is named");
+    assert!(
+        text(&cut.stderr).contains("to resume"),
+        "{}",
+        text(&cut.stderr)
+    );
+    assert!(
+        !moat_ok(&["image", "ls", "-q"]).contains("resume/noise"),
+        "no half image is named"
+    );
     drop(relay);
 
     let _relay = CuttingRelay::start(port, registry.port, 0, 0);
     let again = moat(&["image", "pull", &through_relay]);
     assert!(again.status.success(), "{}", text(&again.stderr));
-    assert!(text(&again.stderr).contains("resuming at"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("resuming at"),
+        "{}",
+        text(&again.stderr)
+    );
     moat_ok(&["image", "rm", &through_relay]);
 }
 
@@ -237,9 +317,13 @@ fn a_pull_cut_off_halfway_resumes_where_it_stopped() {
 fn layers_with_escaping_entries_are_refused_naming_the_entry() {
     let registry = Registry::start(None);
     ensure_template();
-    let cases: [(&str, Vec<(&str, u8, &str, &[u8])>, &str); 4] = [
+    let cases: [(&str, Vec<RawEntry<'_>>, &str); 4] = [
         ("absolute", vec![("/etc/evil", b'0', "", b"x")], "/etc/evil"),
-        ("dotdot", vec![("a/../../evil", b'0', "", b"x")], "a/../../evil"),
+        (
+            "dotdot",
+            vec![("a/../../evil", b'0', "", b"x")],
+            "a/../../evil",
+        ),
         (
             "through-link",
             vec![("out", b'2', "/etc", b""), ("out/evil", b'0', "", b"x")],
@@ -259,7 +343,13 @@ fn layers_with_escaping_entries_are_refused_naming_the_entry() {
         ]);
         let ws = tempfile::tempdir_in("/tmp").unwrap();
         let out = moat(&[
-            "sandbox", "create", "--name", &unique("evil"), "-t", &image, "shell",
+            "sandbox",
+            "create",
+            "--name",
+            &unique("evil"),
+            "-t",
+            &image,
+            "shell",
             ws.path().to_str().unwrap(),
         ]);
         assert!(!out.status.success(), "{name}");

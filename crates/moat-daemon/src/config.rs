@@ -214,9 +214,12 @@ impl Config {
         moat_gateway::Policy::preset(&self.gateway.default_policy)
             .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
         if let Some(v) = get("MOAT_INSECURE_REGISTRIES") {
-            self.registry
-                .insecure
-                .extend(v.split(',').map(str::trim).filter(|r| !r.is_empty()).map(String::from));
+            self.registry.insecure.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(String::from),
+            );
         }
         if let Some(v) = get("MOAT_MODEL_PORT") {
             self.models.port = parse("MOAT_MODEL_PORT", v)?;

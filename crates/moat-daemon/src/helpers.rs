@@ -83,12 +83,14 @@ pub fn remove_mapped(exe: &Path, idmap: &IdMap, path: &Path) -> Result<(), Daemo
         return std::fs::remove_dir_all(path)
             .map_err(|e| DaemonError::io(format!("remove {}", path.display()), e));
     }
-    run_mapped(exe, idmap, REMOVE_ROLE, &[path]).map(|_| ()).map_err(|e| {
-        DaemonError::io(
-            format!("remove {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })
+    run_mapped(exe, idmap, REMOVE_ROLE, &[path])
+        .map(|_| ())
+        .map_err(|e| {
+            DaemonError::io(
+                format!("remove {}", path.display()),
+                std::io::Error::other(e),
+            )
+        })
 }
 
 /// Writes a sandbox's upper layer as a tar into `out`, from inside the
@@ -123,8 +125,12 @@ pub fn save_role_main(args: &[String]) -> i32 {
         let clamp: u64 = args[1].parse().map_err(|_| "bad clamp time".to_string())?;
         userns::become_root_in_new_userns().map_err(|e| e.to_string())?;
         let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-        let summary = moat_images::write_upper_layer(&a[0], clamp, out).map_err(|e| e.to_string())?;
-        eprintln!("{}", serde_json::to_string(&summary.skipped).unwrap_or_default());
+        let summary =
+            moat_images::write_upper_layer(&a[0], clamp, out).map_err(|e| e.to_string())?;
+        eprintln!(
+            "{}",
+            serde_json::to_string(&summary.skipped).unwrap_or_default()
+        );
         Ok(())
     };
     report(run())

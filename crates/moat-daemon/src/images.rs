@@ -152,7 +152,8 @@ impl Daemon {
         let out = tmp
             .reopen()
             .map_err(|e| DaemonError::io("open the temp layer", e))?;
-        let summary = crate::helpers::save_layer_mapped(&self.exe, &self.idmap, &upper, clamp, out)?;
+        let summary =
+            crate::helpers::save_layer_mapped(&self.exe, &self.idmap, &upper, clamp, out)?;
         for skipped in &summary.skipped {
             r.warning(format!(
                 "{skipped} is a socket, fifo or device and is not part of the image"
@@ -274,7 +275,11 @@ impl Daemon {
         )?)
     }
 
-    pub fn image_load(&self, fds: Vec<OwnedFd>, r: &Replies) -> Result<Vec<ImageInfo>, DaemonError> {
+    pub fn image_load(
+        &self,
+        fds: Vec<OwnedFd>,
+        r: &Replies,
+    ) -> Result<Vec<ImageInfo>, DaemonError> {
         let file = take_fd(fds, "image load")?;
         let _guard = lock(&self.image_lock);
         r.progress("reading the OCI archive".to_string());
@@ -326,6 +331,8 @@ impl Daemon {
 fn send_transfer(r: &Replies, t: Transfer) {
     match t {
         Transfer::Step(message) => r.progress(message),
-        Transfer::Bytes { id, done, total } => r.send(&moat_api::Reply::Transfer { id, done, total }),
+        Transfer::Bytes { id, done, total } => {
+            r.send(&moat_api::Reply::Transfer { id, done, total })
+        }
     }
 }

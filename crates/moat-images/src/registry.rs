@@ -419,7 +419,7 @@ async fn fetch_layer(
         let _ = fs::remove_file(&path);
         have = 0;
     }
-    if have < layer.size {
+    let (digest, size) = if have < layer.size {
         let response = if have > 0 {
             progress(Transfer::Step(format!(
                 "{id}: resuming at {have} of {} bytes",
@@ -439,22 +439,34 @@ async fn fetch_layer(
             oci_client::client::BlobResponse::Partial(st) => (st, true),
             oci_client::client::BlobResponse::Full(st) => (st, false),
         };
-        let mut file = OpenOptions::new()
+        // Hashed as it arrives (after the part a broken pull left, when resuming).
+        let mut hasher = Sha256::new();
+        let mut done = 0;
+        if append {
+            (hasher, done) = hash_into(&path, Sha256::new())?;
+        }
+        let file = OpenOptions::new()
             .create(true)
             .append(append)
             .write(true)
             .truncate(!append)
             .open(&path)
             .map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
-        let mut done = if append { have } else { 0 };
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let write_err = |e| ImageError::io(format!("write {}", path.display()), e);
         let mut last = Instant::now();
         let mut stream = stream.stream;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                s.err(format!("layer {id} broke off after {done} bytes ({e}); run the same command again to resume"))
-            })?;
-            file.write_all(&chunk)
-                .map_err(|e| ImageError::io(format!("write {}", path.display()), e))?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    // What arrived stays on disk for the next pull to resume from.
+                    out.flush().map_err(write_err)?;
+                    return Err(s.err(format!("layer {id} broke off after {done} bytes ({e}); run the same command again to resume")));
+                }
+            };
+            hasher.update(&chunk);
+            out.write_all(&chunk).map_err(write_err)?;
             done += chunk.len() as u64;
             if last.elapsed() >= PROGRESS_EVERY {
                 last = Instant::now();
@@ -465,10 +477,13 @@ async fn fetch_layer(
                 });
             }
         }
-        file.sync_all()
-            .map_err(|e| ImageError::io(format!("write {}", path.display()), e))?;
-    }
-    let (digest, size) = hash_file(&path)?;
+        out.flush().map_err(write_err)?;
+        out.get_ref().sync_data().map_err(write_err)?;
+        (format!("sha256:{}", hex::encode(hasher.finalize())), done)
+    } else {
+        let (hasher, size) = hash_into(&path, Sha256::new())?;
+        (format!("sha256:{}", hex::encode(hasher.finalize())), size)
+    };
     if digest != layer.digest || size != layer.size {
         let _ = fs::remove_file(&path);
         return Err(s.err(format!(
@@ -486,10 +501,10 @@ async fn fetch_layer(
     Ok(())
 }
 
-fn hash_file(path: &std::path::Path) -> Result<(String, u64), ImageError> {
+/// Feeds a file into `hasher`; returns it and the number of bytes read.
+fn hash_into(path: &std::path::Path, mut hasher: Sha256) -> Result<(Sha256, u64), ImageError> {
     let mut file =
         File::open(path).map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -502,7 +517,7 @@ fn hash_file(path: &std::path::Path) -> Result<(String, u64), ImageError> {
         hasher.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
+    Ok((hasher, size))
 }
 
 /// Pushes the stored image `reference` to its registry.

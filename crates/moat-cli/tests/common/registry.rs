@@ -128,7 +128,10 @@ impl CuttingRelay {
 /// A tar archive from raw entries (name, type flag, link target, data),
 /// written header by header so that it can hold what no tar tool would
 /// write: absolute paths, `..`, device nodes.
-pub fn raw_tar(entries: &[(&str, u8, &str, &[u8])]) -> Vec<u8> {
+/// One raw tar entry: name, type flag, link target, data.
+pub type RawEntry<'a> = (&'a str, u8, &'a str, &'a [u8]);
+
+pub fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, kind, link, data) in entries {
         let mut h = [0u8; 512];
