@@ -776,8 +776,11 @@ fn image(cmd: ImageCmd) -> Result<i32> {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|i| {
-                        let (repo, tag) =
-                            i.reference.rsplit_once(':').unwrap_or((&i.reference, ""));
+                        // `name@sha256:…` (pulled by digest) has no tag, as Docker shows it.
+                        let (repo, tag) = match i.reference.split_once('@') {
+                            Some((repo, _)) => (repo, "<none>"),
+                            None => i.reference.rsplit_once(':').unwrap_or((&i.reference, "")),
+                        };
                         let id =
                             i.id.trim_start_matches("sha256:")
                                 .chars()

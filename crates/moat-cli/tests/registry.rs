@@ -262,12 +262,27 @@ fn a_push_cut_off_halfway_completes_on_the_next_try() {
         again.contains("1 uploaded, 0 mounted, 1 already there"),
         "{again}"
     );
-    skopeo_ok(&[
+    let inspect: serde_json::Value = serde_json::from_str(&skopeo_ok(&[
         "inspect",
         "--tls-verify=false",
         &format!("docker://{target}"),
-    ]);
-    moat_ok(&["image", "rm", &target]);
+    ]))
+    .unwrap();
+
+    // The same image by digest: the manifest is checked against it.
+    let digest = inspect["Digest"].as_str().unwrap();
+    let by_digest = format!("localhost:{port}/cut/shell@{digest}");
+    let pulled = moat_ok(&["image", "pull", &by_digest]);
+    assert!(pulled.contains(digest), "{pulled}");
+    let listed = moat_ok(&["image", "ls"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&format!("localhost:{port}/cut/shell "))
+                && l.contains(" <none> ")),
+        "{listed}"
+    );
+    moat_ok(&["image", "rm", &target, &by_digest]);
 }
 
 #[test]

@@ -189,3 +189,38 @@ fn an_unprivileged_user_runs_sandboxes_end_to_end() {
     assert_eq!(pids_in_sandbox(pid), Vec::<i32>::new());
     assert!(!r.dir.join("user/state/sandboxes").join(&id).exists());
 }
+
+#[test]
+fn an_unprivileged_user_saves_a_sandbox_with_files_only_its_root_can_read() {
+    let r = Rootless::setup();
+    let w = r.dir.join("ws");
+    let w = w.to_str().unwrap();
+    r.ok(&["sandbox", "create", "--name", "orig", "shell", w]);
+    let out = r.moat(&[
+        "sandbox", "exec", "-u", "root", "orig", "sh", "-c",
+        "echo hi > /root/secret && chmod 600 /root/secret && rm /etc/issue && rm -rf /etc/apt/apt.conf.d",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    r.ok(&["sandbox", "stop", "orig"]);
+    r.ok(&["sandbox", "save", "orig", "rootless/saved:v1"]);
+    r.ok(&[
+        "sandbox",
+        "create",
+        "--name",
+        "copy",
+        "-t",
+        "rootless/saved:v1",
+        "shell",
+        w,
+    ]);
+    let out = r.moat(&[
+        "sandbox", "exec", "-u", "root", "copy", "sh", "-c",
+        "stat -c '%U %a' /root/secret; cat /root/secret; ls /etc/issue /etc/apt/apt.conf.d 2>&1 | wc -l",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "root 600\nhi\n2\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
