@@ -201,6 +201,14 @@ fn an_unprivileged_user_saves_a_sandbox_with_files_only_its_root_can_read() {
         "echo hi > /root/secret && chmod 600 /root/secret && rm /etc/issue && rm -rf /etc/apt/apt.conf.d",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // No cgroup delegation here, so no freezer: a running sandbox must be stopped.
+    let running = r.moat(&["sandbox", "save", "orig", "rootless/saved:v1"]);
+    assert!(!running.status.success());
+    assert!(
+        text(&running.stderr).contains("stop it first"),
+        "{}",
+        text(&running.stderr)
+    );
     r.ok(&["sandbox", "stop", "orig"]);
     r.ok(&["sandbox", "save", "orig", "rootless/saved:v1"]);
     r.ok(&[

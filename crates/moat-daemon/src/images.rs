@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use moat_api::SandboxStatus;
 use moat_images::registry::{self, PushSummary, RegistryOptions, Transfer};
 use moat_images::{ImageInfo, Reference};
+use moat_sandbox::cgroup::Cgroup;
 use serde::{Deserialize, Serialize};
 
 use crate::sandboxes::{lock, Daemon};
@@ -114,11 +115,17 @@ impl Daemon {
         };
         let reference = Reference::parse(reference)?;
         let row = self.row(name)?;
-        if row.info.status == SandboxStatus::Running {
-            return Err(DaemonError::BadRequest(format!(
-                "sandbox {name} is running; stop it first (`moat sandbox stop {name}`) so that its files hold still while they are saved"
-            )));
-        }
+        // A running sandbox is paused (as `docker commit` does) while its
+        // layer is read, so that the files hold still; without a freezer
+        // (rootless without cgroup delegation) it must be stopped first.
+        let freezer = match row.info.status {
+            SandboxStatus::Stopped => None,
+            SandboxStatus::Running => {
+                let cgroup = Cgroup::existing(&self.hierarchy, &row.info.id)
+                    .ok_or_else(|| cannot_pause(name, "it has no cgroup to freeze"))?;
+                Some(cgroup)
+            }
+        };
         let _guard = lock(&self.image_lock);
         let base = self
             .images
@@ -152,8 +159,24 @@ impl Daemon {
         let out = tmp
             .reopen()
             .map_err(|e| DaemonError::io("open the temp layer", e))?;
-        let summary =
-            crate::helpers::save_layer_mapped(&self.exe, &self.idmap, &upper, clamp, out)?;
+        if let Some(cgroup) = &freezer {
+            cgroup.freeze(true).map_err(|e| {
+                let _ = cgroup.freeze(false);
+                cannot_pause(name, &e)
+            })?;
+            r.progress(format!(
+                "sandbox {name} is paused while its changes are read"
+            ));
+        }
+        let summary = crate::helpers::save_layer_mapped(&self.exe, &self.idmap, &upper, clamp, out);
+        if let Some(cgroup) = &freezer {
+            if let Err(e) = cgroup.freeze(false) {
+                r.warning(format!(
+                    "sandbox {name} could not be resumed: {e}; stop and start it"
+                ));
+            }
+        }
+        let summary = summary?;
         for skipped in &summary.skipped {
             r.warning(format!(
                 "{skipped} is a socket, fifo or device and is not part of the image"
@@ -326,6 +349,12 @@ impl Daemon {
         self.save_logins(&logins)?;
         Ok(format!("Removed the login for {registry}"))
     }
+}
+
+fn cannot_pause(name: &str, why: &str) -> DaemonError {
+    DaemonError::BadRequest(format!(
+        "sandbox {name} is running and cannot be paused while it is saved ({why}); stop it first (`moat sandbox stop {name}`)"
+    ))
 }
 
 fn send_transfer(r: &Replies, t: Transfer) {

@@ -10,6 +10,8 @@ use moat_api::Limits;
 const ROOT: &str = "/sys/fs/cgroup";
 /// The cgroup v1 controllers moat uses.
 const V1_CONTROLLERS: &[&str] = &["memory", "pids", "cpu"];
+/// Used where mounted: it lets `save` hold a running sandbox still.
+const V1_FREEZER: &str = "freezer";
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// The cgroups of one sandbox: one directory (v2) or one per controller (v1).
@@ -61,9 +63,12 @@ pub fn detect(rootless: bool) -> Hierarchy {
     if rootless && !mounted.iter().all(|p| writable(p)) {
         return Hierarchy::None { reason: "cgroup v1 is not writable by this user (run the daemon as root for enforced limits)".into() };
     }
-    Hierarchy::V1 {
-        parents: mounted.into_iter().map(|p| p.join("moat")).collect(),
+    let mut parents: Vec<PathBuf> = mounted.into_iter().map(|p| p.join("moat")).collect();
+    let freezer = root.join(V1_FREEZER);
+    if freezer.is_dir() && (!rootless || writable(&freezer)) {
+        parents.push(freezer.join("moat"));
     }
+    Hierarchy::V1 { parents }
 }
 
 fn own_v2_cgroup() -> Option<PathBuf> {
@@ -217,6 +222,54 @@ impl Cgroup {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect()
+    }
+
+    /// Freezes (or thaws) every process of the cgroup, waiting until the
+    /// kernel reports them frozen. Fails where there is no freezer.
+    pub fn freeze(&self, frozen: bool) -> Result<(), String> {
+        let (dir, file, value, done): (&Path, &str, &str, Box<dyn Fn(&Path) -> bool>) = if self.v2 {
+            let dir = self.dirs.first().ok_or("no cgroup")?;
+            let want = if frozen { "frozen 1" } else { "frozen 0" };
+            (
+                dir,
+                "cgroup.freeze",
+                if frozen { "1" } else { "0" },
+                Box::new(move |d: &Path| {
+                    fs::read_to_string(d.join("cgroup.events"))
+                        .is_ok_and(|t| t.lines().any(|l| l == want))
+                }),
+            )
+        } else {
+            let dir = self
+                .dirs
+                .iter()
+                .find(|d| {
+                    d.parent()
+                        .and_then(|p| p.parent())
+                        .is_some_and(|c| c.ends_with(V1_FREEZER))
+                })
+                .ok_or("the host mounts no cgroup v1 freezer")?;
+            let want = if frozen { "FROZEN" } else { "THAWED" };
+            (
+                dir.as_path(),
+                "freezer.state",
+                want,
+                Box::new(move |d: &Path| {
+                    fs::read_to_string(d.join("freezer.state")).is_ok_and(|t| t.trim() == want)
+                }),
+            )
+        };
+        write(dir, file, value)?;
+        for _ in 0..500 {
+            if done(dir) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Err(format!(
+            "{} did not become {value} within 5 s",
+            dir.display()
+        ))
     }
 
     /// Kill every process left in the cgroup and remove it.
