@@ -152,9 +152,12 @@ impl Daemon {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         r.progress(format!("archiving the changes of sandbox {name}"));
+        let incoming = self.images.incoming_dir();
+        fs::create_dir_all(&incoming)
+            .map_err(|e| DaemonError::io(format!("create {}", incoming.display()), e))?;
         let tmp = tempfile::Builder::new()
-            .prefix(".save-")
-            .tempfile_in(self.images.root())
+            .prefix("save-")
+            .tempfile_in(&incoming)
             .map_err(|e| DaemonError::io("create a temp file in the image store", e))?;
         let out = tmp
             .reopen()

@@ -106,7 +106,7 @@ pub fn export(
 /// come from `io.containerd.image.name`, or `org.opencontainers.image.ref.name`
 /// when that is a whole reference.
 pub fn load(store: &ImageStore, input: impl Read) -> Result<Vec<ImageInfo>, ImageError> {
-    let staging = store.root().join("incoming").join(tmp_name("load", ""));
+    let staging = store.incoming_dir().join(tmp_name("load", ""));
     fs::create_dir_all(&staging)
         .map_err(|e| ImageError::io(format!("create {}", staging.display()), e))?;
     let result = load_into(store, input, &staging);

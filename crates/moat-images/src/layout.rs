@@ -51,6 +51,8 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 /// Manifests and configs are small; a larger one is damage, not data.
 const MAX_JSON_BLOB: u64 = 4 << 20;
 const COMPLETE: &str = "complete";
+/// How long a partial download waits in `incoming/` for a pull to resume it.
+const INCOMING_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// An OCI image layout plus unpacked layers, shared by processes through flock.
 #[derive(Debug, Clone)]
@@ -114,7 +116,35 @@ impl ImageStore {
                 tracing::info!("removed left-over temp {}", removed.display());
             }
         }
+        store.sweep_incoming(now);
         Ok(store)
+    }
+
+    /// Where downloads and saves in progress live: a broken pull leaves its
+    /// partial layer here for the next one to resume.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+
+    /// Partial downloads nobody resumed for a day, and what crashed saves left.
+    fn sweep_incoming(&self, now: SystemTime) {
+        let Ok(entries) = fs::read_dir(self.incoming_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > INCOMING_KEPT);
+            if old {
+                let path = entry.path();
+                if let Err(e) = remove_tree(&path) {
+                    tracing::warn!("could not remove stale {}: {e}", path.display());
+                }
+            }
+        }
     }
 
     /// The directory the store lives in.

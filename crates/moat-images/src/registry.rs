@@ -297,7 +297,7 @@ async fn pull_async(
         .map_err(|e| s.err(format!("its manifest does not parse: {e}")))?;
 
     let config_bytes = fetch_small_blob(s, &manifest.config).await?;
-    let incoming = store.root().join("incoming");
+    let incoming = store.incoming_dir();
     fs::create_dir_all(&incoming)
         .map_err(|e| ImageError::io(format!("create {}", incoming.display()), e))?;
     let wanted: Vec<&Descriptor> = manifest.layers.iter().collect();
@@ -413,7 +413,7 @@ async fn fetch_layer(
         progress(Transfer::Step(format!("{id}: already in the store")));
         return Ok(());
     }
-    let path = store.root().join("incoming").join(hex);
+    let path = store.incoming_dir().join(hex);
     let mut have = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     if have > layer.size {
         let _ = fs::remove_file(&path);
