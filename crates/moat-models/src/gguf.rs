@@ -350,7 +350,7 @@ pub fn read<R: Read + Seek>(inner: R, len: u64) -> Result<GgufInfo, GgufError> {
         let offset = r.u64("a tensor offset")?;
         parameters = parameters.saturating_add(elements);
         if let Some((block, bytes)) = block_size(ggml_type) {
-            if elements % block != 0 {
+            if !elements.is_multiple_of(block) {
                 return Err(r.corrupt(&format!("tensor {i} does not fill its blocks")));
             }
             let size = (elements / block)
