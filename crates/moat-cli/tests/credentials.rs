@@ -285,21 +285,10 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
 #[test]
 fn a_secret_set_from_stdin_is_used_and_never_shown() {
     use_isolated_roots("secrets");
-    let mut child = moat_cmd()
-        .args(["secret", "set", "openai"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"sk-openai-secret-42\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        moat_cmd().args(["secret", "set", "openai"]),
+        b"sk-openai-secret-42\n",
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!shown.contains("sk-openai-secret-42"), "{shown}");
@@ -321,14 +310,5 @@ fn a_secret_set_from_stdin_is_used_and_never_shown() {
 }
 
 fn base64(s: &str) -> String {
-    let out = Command::new("base64")
-        .arg("-w0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    let mut out = out;
-    out.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    text(&out.wait_with_output().unwrap().stdout)
+    text(&run_with_stdin(Command::new("base64").arg("-w0"), s.as_bytes()).stdout)
 }

@@ -187,28 +187,17 @@ fn a_registry_with_basic_auth_takes_a_push_after_login() {
     );
 
     let login = |password: &str| {
-        let mut child = moat_cmd()
-            .args([
+        run_with_stdin(
+            moat_cmd().args([
                 "image",
                 "login",
                 &registry.host(),
                 "-u",
                 "moat",
                 "--password-stdin",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(password.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+            ]),
+            password.as_bytes(),
+        )
     };
     let wrong = login("wrong");
     assert!(!wrong.status.success());
@@ -284,7 +273,12 @@ fn a_push_cut_off_halfway_completes_on_the_next_try() {
                 && l.contains(" <none> ")),
         "{listed}"
     );
-    moat_ok(&["image", "rm", &target, &by_digest]);
+    // Another repository of the same registry: every blob is mounted, none sent.
+    let elsewhere = format!("localhost:{port}/cut-copy/shell:t");
+    moat_ok(&["image", "tag", &target, &elsewhere]);
+    let mounted = moat_ok(&["image", "push", &elsewhere]);
+    assert!(mounted.contains("0 uploaded, 2 mounted"), "{mounted}");
+    moat_ok(&["image", "rm", &target, &by_digest, &elsewhere]);
 }
 
 #[test]

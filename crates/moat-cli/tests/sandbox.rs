@@ -308,14 +308,6 @@ fn published_ports_reach_a_server_inside() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn retry_get(port: u16) -> String {
     use std::io::{Read, Write};
     for _ in 0..50 {

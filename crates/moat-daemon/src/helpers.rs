@@ -95,13 +95,14 @@ pub fn remove_mapped(exe: &Path, idmap: &IdMap, path: &Path) -> Result<(), Daemo
 
 /// Writes a sandbox's upper layer as a tar into `out`, from inside the
 /// sandboxes' user namespace, with mtimes clamped to `clamp_mtime`.
+/// Returns the entries that could not be kept (sockets, fifos, devices).
 pub fn save_layer_mapped(
     exe: &Path,
     idmap: &IdMap,
     upper: &Path,
     clamp_mtime: u64,
     out: std::fs::File,
-) -> Result<moat_images::LayerSummary, DaemonError> {
+) -> Result<Vec<String>, DaemonError> {
     let clamp = PathBuf::from(clamp_mtime.to_string());
     let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
     let report = run_mapped_to(exe, idmap, SAVE_ROLE, &[upper, &clamp], &mut out)
@@ -110,11 +111,7 @@ pub fn save_layer_mapped(
             Ok(r)
         })
         .map_err(|e| DaemonError::BadRequest(format!("saving {} failed: {e}", upper.display())))?;
-    let skipped: Vec<String> = serde_json::from_str(report.trim()).unwrap_or_default();
-    Ok(moat_images::LayerSummary {
-        skipped,
-        ..Default::default()
-    })
+    Ok(serde_json::from_str(report.trim()).unwrap_or_default())
 }
 
 /// `moat __save-layer UPPER CLAMP_MTIME`: the layer tar on stdout, the

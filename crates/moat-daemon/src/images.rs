@@ -4,9 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use moat_api::SandboxStatus;
@@ -62,21 +60,8 @@ impl Daemon {
     }
 
     fn save_logins(&self, logins: &BTreeMap<String, Login>) -> Result<(), DaemonError> {
-        let path = self.logins_path();
-        let tmp = path.with_extension("tmp");
         let text = serde_json::to_vec(logins).map_err(|e| DaemonError::State(e.to_string()))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| DaemonError::io(format!("write {}", path.display()), e))
+        crate::secrets::write_private(&self.logins_path(), &text)
     }
 
     fn registry_options(&self) -> RegistryOptions {
@@ -171,7 +156,7 @@ impl Daemon {
                 "sandbox {name} is paused while its changes are read"
             ));
         }
-        let summary = crate::helpers::save_layer_mapped(&self.exe, &self.idmap, &upper, clamp, out);
+        let skipped = crate::helpers::save_layer_mapped(&self.exe, &self.idmap, &upper, clamp, out);
         if let Some(cgroup) = &freezer {
             if let Err(e) = cgroup.freeze(false) {
                 r.warning(format!(
@@ -179,8 +164,7 @@ impl Daemon {
                 ));
             }
         }
-        let summary = summary?;
-        for skipped in &summary.skipped {
+        for skipped in &skipped? {
             r.warning(format!(
                 "{skipped} is a socket, fifo or device and is not part of the image"
             ));

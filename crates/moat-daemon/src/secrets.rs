@@ -6,12 +6,29 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use moat_gateway::credentials::{builtin_services, Credential, Service};
 use serde::Serialize;
 
 use crate::DaemonError;
+
+/// Replaces `path` with `bytes` atomically, readable by the daemon's user alone.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| DaemonError::io(format!("write {}", path.display()), e))
+}
 
 pub struct Secrets {
     path: PathBuf,
@@ -39,20 +56,8 @@ impl Secrets {
     }
 
     fn save(&self, map: &BTreeMap<String, String>) -> Result<(), DaemonError> {
-        let tmp = self.path.with_extension("tmp");
-        let text = serde_json::to_string(map).map_err(|e| DaemonError::State(e.to_string()))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| DaemonError::io(format!("write {}", self.path.display()), e))
+        let text = serde_json::to_vec(map).map_err(|e| DaemonError::State(e.to_string()))?;
+        write_private(&self.path, &text)
     }
 
     pub fn set(&self, services: &[Service], name: &str, key: &str) -> Result<(), DaemonError> {

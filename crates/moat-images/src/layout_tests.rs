@@ -498,3 +498,36 @@ impl TimeSpecNow {
         nix::sys::time::TimeSpec::new((now - secs) as i64, 0)
     }
 }
+
+#[test]
+fn opening_sweeps_partial_downloads_older_than_a_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path()).unwrap();
+    let incoming = store.incoming_dir();
+    fs::create_dir_all(&incoming).unwrap();
+    for name in ["old", "fresh"] {
+        fs::write(incoming.join(name), b"partial").unwrap();
+    }
+    let two_days_ago = nix::sys::time::TimeSpec::new(
+        (SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 2 * 24 * 3600) as i64,
+        0,
+    );
+    nix::sys::stat::utimensat(
+        None,
+        &incoming.join("old"),
+        &two_days_ago,
+        &two_days_ago,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    ImageStore::open(dir.path()).unwrap();
+    let left: Vec<String> = fs::read_dir(&incoming)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["fresh".to_string()]);
+}

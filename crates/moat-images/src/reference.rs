@@ -78,15 +78,6 @@ impl Reference {
             None => &self.name,
         }
     }
-
-    /// The same name with another tag (and no digest).
-    pub fn with_tag(&self, tag: &str) -> Reference {
-        Reference {
-            name: self.name.clone(),
-            tag: tag.to_string(),
-            digest: None,
-        }
-    }
 }
 
 fn validate_name(name: &str) -> Result<(), String> {

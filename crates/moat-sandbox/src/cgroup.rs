@@ -227,18 +227,15 @@ impl Cgroup {
     /// Freezes (or thaws) every process of the cgroup, waiting until the
     /// kernel reports them frozen. Fails where there is no freezer.
     pub fn freeze(&self, frozen: bool) -> Result<(), String> {
-        let (dir, file, value, done): (&Path, &str, &str, Box<dyn Fn(&Path) -> bool>) = if self.v2 {
+        // (directory, file to write, value, file to read, line it shows when done)
+        let (dir, control, value, state, done) = if self.v2 {
             let dir = self.dirs.first().ok_or("no cgroup")?;
-            let want = if frozen { "frozen 1" } else { "frozen 0" };
-            (
-                dir,
-                "cgroup.freeze",
-                if frozen { "1" } else { "0" },
-                Box::new(move |d: &Path| {
-                    fs::read_to_string(d.join("cgroup.events"))
-                        .is_ok_and(|t| t.lines().any(|l| l == want))
-                }),
-            )
+            let (value, done) = if frozen {
+                ("1", "frozen 1")
+            } else {
+                ("0", "frozen 0")
+            };
+            (dir, "cgroup.freeze", value, "cgroup.events", done)
         } else {
             let dir = self
                 .dirs
@@ -249,19 +246,14 @@ impl Cgroup {
                         .is_some_and(|c| c.ends_with(V1_FREEZER))
                 })
                 .ok_or("the host mounts no cgroup v1 freezer")?;
-            let want = if frozen { "FROZEN" } else { "THAWED" };
-            (
-                dir.as_path(),
-                "freezer.state",
-                want,
-                Box::new(move |d: &Path| {
-                    fs::read_to_string(d.join("freezer.state")).is_ok_and(|t| t.trim() == want)
-                }),
-            )
+            let value = if frozen { "FROZEN" } else { "THAWED" };
+            (dir, "freezer.state", value, "freezer.state", value)
         };
-        write(dir, file, value)?;
+        write(dir, control, value)?;
         for _ in 0..500 {
-            if done(dir) {
+            let reached = fs::read_to_string(dir.join(state))
+                .is_ok_and(|t| t.lines().any(|l| l.trim() == done));
+            if reached {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(10));

@@ -5,15 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::common::{wait_for_port, KillOnDrop};
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::common::{free_port, run_with_stdin, wait_for_port, KillOnDrop};
 
 pub struct Registry {
     pub port: u16,
@@ -162,16 +154,7 @@ pub fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    let out = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(bytes)?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let out = run_with_stdin(&mut Command::new("sha256sum"), bytes);
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
 }
 
