@@ -14,8 +14,9 @@ use serde::Serialize;
 /// Frames larger than this are refused: no message of ours comes near it, and
 /// a peer that sends one is broken or hostile.
 pub const MAX_FRAME: usize = 16 << 20;
-/// At most this many descriptors travel with one frame.
-pub const MAX_FDS: usize = 8;
+/// At most this many descriptors travel with one frame (`model package`
+/// passes every shard of a split model, its licenses and template).
+pub const MAX_FDS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

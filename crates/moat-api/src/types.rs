@@ -94,6 +94,56 @@ pub enum Request {
     RegistryLogout {
         registry: String,
     },
+    /// A model from local GGUF files; their descriptors travel with the
+    /// request (the GGUF files, then the licenses, then the chat template),
+    /// so that the daemon never opens a path the caller named.
+    ModelPackage(ModelPackageRequest),
+    ModelList,
+    ModelInspect {
+        reference: String,
+    },
+    /// Remove a tag (and the model when none is left); an id takes `force`
+    /// when several tags name the model.
+    ModelRm {
+        reference: String,
+        force: bool,
+    },
+    ModelTag {
+        source: String,
+        target: String,
+    },
+    ModelPush {
+        reference: String,
+    },
+    ModelPull {
+        reference: String,
+    },
+    ModelDf,
+    /// One turn of a chat (`moat model run`), answered with `Text` replies;
+    /// no messages only loads the model.
+    ModelChat(ModelChatRequest),
+    ModelPs,
+    ModelUnload {
+        models: Vec<String>,
+        all: bool,
+    },
+    ModelConfigure {
+        model: String,
+        context_size: Option<u32>,
+        keep_alive: Option<String>,
+    },
+    ModelStatus,
+    ModelLogs {
+        model: Option<String>,
+    },
+}
+
+/// `moat model run`: the conversation so far as (role, content) pairs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelChatRequest {
+    pub model: String,
+    pub messages: Vec<(String, String)>,
+    pub max_tokens: Option<u32>,
 }
 
 /// Every reply is a stream of these, ending in `Ok`, `Error` or `Exited`.
@@ -113,6 +163,10 @@ pub enum Reply {
     Warning {
         message: String,
     },
+    /// Generated text, as it comes (`moat model run`).
+    Text {
+        text: String,
+    },
     Ok {
         value: serde_json::Value,
     },
@@ -127,6 +181,44 @@ pub enum Reply {
     Exited {
         code: i32,
     },
+}
+
+/// `moat model package`: the file names of the descriptors that travel
+/// with the request, and the model's name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelPackageRequest {
+    pub reference: String,
+    pub ggufs: Vec<String>,
+    pub licenses: Vec<String>,
+    pub chat_template: Option<String>,
+    pub context_size: Option<u64>,
+}
+
+/// A model as Docker Model Runner's `GET /models` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    /// `sha256:<hex>` of the manifest.
+    pub id: String,
+    pub tags: Vec<String>,
+    /// Seconds since the epoch.
+    pub created: i64,
+    /// DMR's config object: format, quantization, parameters, architecture,
+    /// size, gguf, context_size.
+    pub config: serde_json::Value,
+}
+
+/// What `model rm` did with one reference.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelRemoved {
+    pub untagged: Vec<String>,
+    /// The id of the model deleted, when its last tag went.
+    pub deleted: Option<String>,
+}
+
+/// `model df`, with DMR's field name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelDiskUsage {
+    pub models_disk_usage: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -40,6 +40,9 @@ enum Command {
     /// Templates: images built from recipes
     #[command(subcommand)]
     Template(TemplateCmd),
+    /// Local models (mirrors `docker model`)
+    #[command(subcommand)]
+    Model(crate::model::ModelCmd),
     /// API keys the gateway puts into requests (they never enter a sandbox)
     #[command(subcommand)]
     Secret(SecretCmd),
@@ -323,6 +326,7 @@ pub fn main() -> Result<i32> {
         Command::Sandbox(cmd) => sandbox(cmd),
         Command::Image(cmd) => image(cmd),
         Command::Template(cmd) => template(cmd),
+        Command::Model(cmd) => crate::model::run(cmd),
         Command::Secret(cmd) => secret(cmd),
     }
 }

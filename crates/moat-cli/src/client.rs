@@ -104,6 +104,12 @@ impl Call {
                 Reply::Progress { message } => progress.show(&message),
                 Reply::Transfer { id, done, total } => progress.transfer(&id, done, total),
                 Reply::Warning { message } => progress.warn(&message),
+                Reply::Text { text } => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(text.as_bytes());
+                    let _ = out.flush();
+                }
                 Reply::Ok { value } => return Ok(value),
                 Reply::Error { message } => bail!("{message}"),
                 other => bail!("unexpected reply from the daemon: {other:?}"),

@@ -1,10 +1,12 @@
 //! The `moat` binary: the command line, the daemon (`moat daemon`), and the
 //! hidden roles the daemon re-executes it as (a sandbox's init, the layer
-//! unpacker). The command line only parses arguments, talks to the daemon and
+//! unpacker, a model worker). The command line only parses arguments, talks to the daemon and
 //! prints; the work happens in the library crates.
 
 mod cli;
 mod client;
+mod model;
+mod model_run;
 mod output;
 mod terminal;
 
@@ -20,6 +22,7 @@ fn main() -> ExitCode {
             moat_daemon::UNPACK_ROLE => Some(moat_daemon::unpack_role_main(rest)),
             moat_daemon::SAVE_ROLE => Some(moat_daemon::save_role_main(rest)),
             moat_daemon::REMOVE_ROLE => Some(moat_daemon::remove_role_main(rest)),
+            moat_models::engine::ROLE => Some(moat_models::engine::worker_main()),
             _ => None,
         };
         if let Some(code) = code {

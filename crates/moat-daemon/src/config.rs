@@ -107,6 +107,16 @@ pub struct SandboxConfig {
 pub struct ModelsConfig {
     /// The model runner's port on the host's loopback and inside every sandbox.
     pub port: u16,
+    /// llama.cpp threads per model; 0: the physical cores.
+    pub threads: u32,
+    /// Requests each loaded model decodes together.
+    pub slots: u32,
+    /// Tokens of context when neither `configure` nor the package says.
+    pub context_size: u32,
+    /// How long an idle model stays loaded: "5m", "0" (unload at once), "-1" (forever).
+    pub keep_alive: String,
+    /// Memory all loaded models may take together, e.g. "12g"; empty: three quarters of RAM.
+    pub memory_budget: String,
 }
 
 impl Default for SandboxConfig {
@@ -124,7 +134,14 @@ impl Default for SandboxConfig {
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        ModelsConfig { port: 12434 }
+        ModelsConfig {
+            port: 12434,
+            threads: 0,
+            slots: 4,
+            context_size: 4096,
+            keep_alive: "5m".into(),
+            memory_budget: String::new(),
+        }
     }
 }
 

@@ -64,7 +64,7 @@ impl Daemon {
         crate::secrets::write_private(&self.logins_path(), &text)
     }
 
-    fn registry_options(&self) -> RegistryOptions {
+    pub(crate) fn registry_options(&self) -> RegistryOptions {
         let extra_ca_pem = self
             .config
             .gateway
@@ -344,7 +344,7 @@ fn cannot_pause(name: &str, why: &str) -> DaemonError {
     ))
 }
 
-fn send_transfer(r: &Replies, t: Transfer) {
+pub(crate) fn send_transfer(r: &Replies, t: Transfer) {
     match t {
         Transfer::Step(message) => r.progress(message),
         Transfer::Bytes { id, done, total } => {

@@ -8,6 +8,8 @@ pub mod config;
 mod exec;
 mod helpers;
 mod images;
+mod model_runner;
+mod models;
 mod network;
 pub mod paths;
 mod ports;
@@ -45,6 +47,8 @@ pub enum DaemonError {
     Sandbox(#[from] moat_sandbox::SandboxError),
     #[error(transparent)]
     Image(#[from] moat_images::ImageError),
+    #[error(transparent)]
+    Model(#[from] moat_models::store::StoreError),
 }
 
 impl DaemonError {

@@ -50,6 +50,10 @@ pub struct Daemon {
     pub(crate) hierarchy: Hierarchy,
     pub(crate) state: Mutex<State>,
     pub(crate) images: ImageStore,
+    /// Models in Docker Model Runner's layout, under `STATE/models`.
+    pub(crate) models: Arc<moat_models::store::ModelStore>,
+    /// The model runner's HTTP service and its workers.
+    pub(crate) model_service: Arc<moat_models::api::ModelService>,
     /// Serialises template builds and image changes.
     pub(crate) image_lock: Mutex<()>,
     live: Arc<Mutex<HashMap<String, Live>>>,
@@ -89,6 +93,10 @@ impl Daemon {
         }
         let state = State::open(&paths.database())?;
         let images = ImageStore::open(&paths.images())?;
+        let models = Arc::new(moat_models::store::ModelStore::open(
+            &paths.state.join("models"),
+        )?);
+        let model_service = crate::model_runner::start(&paths, &config, &exe, Arc::clone(&models))?;
         let log = Mutex::new(crate::network::start_log_writer(paths.database()));
         let sink: moat_gateway::LogSink = Arc::new(move |entry| {
             let _ = lock(&log).send(entry);
@@ -114,6 +122,8 @@ impl Daemon {
             idmap,
             state: Mutex::new(state),
             images,
+            models,
+            model_service,
             image_lock: Mutex::new(()),
             live: Arc::new(Mutex::new(HashMap::new())),
             gateway,
@@ -386,6 +396,11 @@ impl Daemon {
         );
         self.watch(info.id.clone(), pid);
         self.open_gateway_door(&info.id, &info.name, netns)?;
+        // The model door is a convenience, not a boundary: a sandbox that
+        // cannot have one still runs.
+        if let Err(e) = self.open_model_door(&info.id, &info.name, netns) {
+            tracing::warn!(name = %info.name, "{e}");
+        }
         self.start_forwarders(info, netns);
         Ok(())
     }
@@ -484,10 +499,12 @@ impl Daemon {
         let hierarchy = self.hierarchy.clone();
         let db = self.paths.database();
         let gateway = Arc::clone(&self.gateway);
+        let model_service = Arc::clone(&self.model_service);
         std::thread::spawn(move || {
             wait_for_exit(pid);
             if finish(&live, &id, pid) {
                 gateway.detach(&id);
+                model_service.detach(&id);
                 if let Some(cg) = Cgroup::existing(&hierarchy, &id) {
                     cg.destroy();
                 }
@@ -503,6 +520,7 @@ impl Daemon {
             drop(l.forwarders);
         }
         self.gateway.detach(id);
+        self.model_service.detach(id);
         if let Some(cg) = Cgroup::existing(&self.hierarchy, id) {
             cg.destroy();
         }

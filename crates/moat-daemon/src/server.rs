@@ -43,6 +43,7 @@ pub fn run(paths: Paths, config: Config) -> Result<(), DaemonError> {
     let daemon = Arc::new(Daemon::open(paths.clone(), config)?);
     daemon.refresh_credentials();
     daemon.reconcile()?;
+    daemon.listen_models();
     tracing::info!(socket = %socket.display(), "moat daemon ready");
 
     let me = nix::unistd::geteuid().as_raw();
@@ -196,5 +197,27 @@ fn dispatch(
             password,
         } => to_value(daemon.registry_login(&registry, &username, &password.0)?),
         Request::RegistryLogout { registry } => to_value(daemon.registry_logout(&registry)?),
+        Request::ModelPackage(p) => to_value(daemon.model_package(p, fds, r)?),
+        Request::ModelList => to_value(daemon.model_list()?),
+        Request::ModelInspect { reference } => to_value(daemon.model_inspect(&reference)?),
+        Request::ModelRm { reference, force } => to_value(daemon.model_rm(&reference, force)?),
+        Request::ModelTag { source, target } => to_value(daemon.model_tag(&source, &target)?),
+        Request::ModelPush { reference } => to_value(daemon.model_push(&reference, r)?),
+        Request::ModelPull { reference } => to_value(daemon.model_pull(&reference, r)?),
+        Request::ModelDf => to_value(daemon.model_df()?),
+        Request::ModelChat(c) => Ok(Some(daemon.model_chat(c, r)?)),
+        Request::ModelPs => Ok(Some(daemon.model_ps()?)),
+        Request::ModelUnload { models, all } => Ok(Some(daemon.model_unload(&models, all)?)),
+        Request::ModelConfigure {
+            model,
+            context_size,
+            keep_alive,
+        } => Ok(Some(daemon.model_configure(
+            &model,
+            context_size,
+            keep_alive,
+        )?)),
+        Request::ModelStatus => Ok(Some(daemon.model_status()?)),
+        Request::ModelLogs { model } => Ok(Some(daemon.model_logs(model.as_deref())?)),
     }
 }

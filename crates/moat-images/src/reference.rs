@@ -1,6 +1,6 @@
 //! Image references: `NAME[:TAG][@sha256:HEX]`, where NAME may start with a
-//! registry host and port (`localhost:5000/a/b`). Only lower case, so that a
-//! name has one spelling in the index. As Docker reads them, the first
+//! registry host and port (`localhost:5000/a/b`). Names only in lower case,
+//! so that a name has one spelling in the index; tags, as Docker's, in either. As Docker reads them, the first
 //! component is a registry when it has a `.` or a `:` or is `localhost`;
 //! otherwise the name is local (or Docker Hub's, which is not reachable here).
 
@@ -40,12 +40,6 @@ impl Reference {
             }
             None => (s, None),
         };
-        if let Some(c) = s
-            .chars()
-            .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '/' | '-' | ':'))
-        {
-            return Err(bad(&format!("character {c:?} is not allowed")));
-        }
         // A colon after the last '/' separates the tag; one before it belongs
         // to a registry port.
         let last_slash = s.rfind('/');
@@ -55,6 +49,19 @@ impl Reference {
             }
             _ => (s, "latest"),
         };
+        if let Some(c) = name
+            .chars()
+            .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '/' | '-' | ':'))
+        {
+            return Err(bad(&format!("character {c:?} is not allowed in the name")));
+        }
+        // Tags may have capitals, as Docker's do (`ai/smollm2:135M-Q4_1`).
+        if let Some(c) = tag
+            .chars()
+            .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-'))
+        {
+            return Err(bad(&format!("character {c:?} is not allowed in the tag")));
+        }
         validate_name(name).map_err(|r| bad(&r))?;
         validate_tag(tag).map_err(|r| bad(&r))?;
         Ok(Reference {
@@ -208,6 +215,7 @@ mod tests {
             "localhost:5000/a/b",
             "registry.example.com/team/img_x:1.2.3-rc_1",
             "a:_x",
+            "ai/smollm2:135M-Q4_1",
         ];
         let parsed: Vec<Reference> = inputs
             .iter()
@@ -223,6 +231,7 @@ mod tests {
                 r("localhost:5000/a/b", "latest"),
                 r("registry.example.com/team/img_x", "1.2.3-rc_1"),
                 r("a", "_x"),
+                r("ai/smollm2", "135M-Q4_1"),
             ]
         );
         let shown: Vec<String> = parsed.iter().map(ToString::to_string).collect();
@@ -235,6 +244,7 @@ mod tests {
                 "localhost:5000/a/b:latest",
                 "registry.example.com/team/img_x:1.2.3-rc_1",
                 "a:_x",
+                "ai/smollm2:135M-Q4_1",
             ]
         );
     }
@@ -259,6 +269,9 @@ mod tests {
             "a:.t",
             "a:-t",
             "café",
+            "a:t/x",
+            "a:t+x",
+            "Me/app:v1",
         ];
         for s in bad {
             match Reference::parse(s) {

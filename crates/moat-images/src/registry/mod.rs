@@ -1,14 +1,21 @@
-//! Pull and push images between the store and OCI registries, through the
+//! Pull and push between a local store and OCI registries, through the
 //! `oci-client` crate (the OCI distribution protocol, token and basic auth).
+//!
+//! The transfer is one mechanism for every store that speaks OCI: the image
+//! store and the model store each implement [`RegistryStore`] (where blobs
+//! live, where downloads wait, which manifests they take, and how a pulled
+//! manifest is named), so that resuming, verifying and skipping blobs is
+//! written once.
 //!
 //! Every byte from a registry is checked: manifests against the digest they
 //! were asked by (or the one the registry names), blobs against their
-//! descriptor's digest and size before they enter `blobs/`, and layer diff
-//! ids when a layer is first unpacked. Downloads go to `incoming/<hex>`, which
-//! survives a broken connection, so the next pull asks only for the rest.
+//! descriptor's digest and size before they enter the store. Downloads go to
+//! `incoming/<hex>`, which survives a broken connection, so the next pull
+//! asks only for the rest; nothing is named until every blob is whole.
 //! Pushes skip blobs the registry has, mount blobs it has under another
 //! repository, and stream the rest from disk.
 
+mod image_store;
 mod pull;
 mod push;
 
@@ -16,6 +23,7 @@ pub use pull::pull;
 pub use push::{push, PushSummary};
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -23,10 +31,66 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 
 use crate::error::ImageError;
-use crate::oci::{
-    digest_hex, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_INDEX, MEDIA_MANIFEST,
-};
+use crate::oci::{digest_hex, Descriptor, Manifest};
 use crate::reference::Reference;
+
+pub use image_store::IMAGE_MANIFESTS;
+
+/// A local store that registry pulls fill and pushes read.
+pub trait RegistryStore: Sync {
+    /// What a finished pull gives back (the named image or model).
+    type Pulled;
+    /// The store's own error, which the transfer's errors convert into.
+    type Error: From<ImageError>;
+
+    /// Manifest media types to ask the registry for (its Accept header).
+    fn accepted_manifests(&self) -> &[&str];
+    /// Where partial downloads wait for the next pull to resume them.
+    fn incoming_dir(&self) -> PathBuf;
+    /// Where the blob with this digest lives once the store has it.
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError>;
+    /// Refuses, before any layer is fetched, a manifest (and config) that
+    /// this store cannot hold, e.g. a model pulled as an image.
+    fn check_manifest(
+        &self,
+        reference: &Reference,
+        manifest: &Manifest,
+        config: &[u8],
+    ) -> Result<(), Self::Error>;
+    /// Moves the verified blobs in and names the manifest `reference`; the
+    /// only step of a pull that changes what the store shows.
+    fn commit_pull(
+        &self,
+        reference: &Reference,
+        pulled: PulledBlobs,
+    ) -> Result<Self::Pulled, Self::Error>;
+    /// The stored manifest of `reference`, for a push.
+    fn push_source(&self, reference: &Reference) -> Result<PushSource, Self::Error>;
+}
+
+/// Everything a pull fetched and verified, ready to enter the store.
+#[derive(Debug, Clone)]
+pub struct PulledBlobs {
+    /// The manifest as the registry sent it (its digest is the id).
+    pub manifest_bytes: Vec<u8>,
+    pub media_type: String,
+    pub manifest: Manifest,
+    pub config_bytes: Vec<u8>,
+    /// Layers that were downloaded, each verified in `incoming/`; layers
+    /// the store already had are not here.
+    pub incoming: Vec<(Descriptor, PathBuf)>,
+}
+
+/// A stored manifest as a push sends it.
+#[derive(Debug, Clone)]
+pub struct PushSource {
+    pub manifest_bytes: Vec<u8>,
+    pub media_type: String,
+    pub manifest: Manifest,
+    /// For each blob digest, other repositories of the same registry that
+    /// hold it: the registry can mount it from there instead of taking it again.
+    pub mount_sources: HashMap<String, Vec<String>>,
+}
 
 /// How to reach registries: which may be spoken to in plain HTTP, which CAs
 /// to trust beyond the host's, and the credentials `moat image login` stored.
@@ -54,12 +118,6 @@ pub enum Transfer {
 
 const PARALLEL_BLOBS: usize = 4;
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
-const ACCEPTED: [&str; 4] = [
-    MEDIA_MANIFEST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_INDEX,
-    MEDIA_DOCKER_LIST,
-];
 
 fn short(digest: &str) -> String {
     digest_hex(digest)

@@ -1,22 +1,23 @@
 //! Registry to store: manifests resolved and checked, layers downloaded
-//! (resumably) into `incoming/`, the image named once it is whole.
+//! (resumably) into `incoming/`, the result named (by the store's
+//! `commit_pull`) once every blob is whole.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
+use nix::fcntl::{Flock, FlockArg};
 use oci_client::errors::OciDistributionError;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    runtime, short, RegistryOptions, Session, Transfer, ACCEPTED, PARALLEL_BLOBS, PROGRESS_EVERY,
+    runtime, short, PulledBlobs, RegistryOptions, RegistryStore, Session, Transfer, PARALLEL_BLOBS,
+    PROGRESS_EVERY,
 };
 use crate::digest::sha256_digest;
 use crate::error::ImageError;
-use crate::fsutil::fsync_dir;
-use crate::layout::{ImageInfo, ImageStore};
 use crate::oci::{
     digest_hex, oci_arch, Descriptor, Manifest, MEDIA_DOCKER_LIST, MEDIA_INDEX, MEDIA_MANIFEST,
 };
@@ -51,25 +52,26 @@ struct MediaTypeOnly {
     manifests: Option<serde_json::Value>,
 }
 
-/// Pulls `reference` from its registry into the store and names it so.
-pub fn pull(
-    store: &ImageStore,
+/// Pulls `reference` from its registry into `store` and names it so.
+pub fn pull<S: RegistryStore>(
+    store: &S,
     reference: &Reference,
     opts: &RegistryOptions,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<ImageInfo, ImageError> {
+) -> Result<S::Pulled, S::Error> {
     let session = Session::new(reference, opts)?;
     runtime()?.block_on(pull_async(store, &session, progress))
 }
 
-async fn pull_async(
-    store: &ImageStore,
+async fn pull_async<S: RegistryStore>(
+    store: &S,
     s: &Session<'_>,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<ImageInfo, ImageError> {
+) -> Result<S::Pulled, S::Error> {
     progress(Transfer::Step(format!("resolving {}", s.reference)));
+    let accepted = store.accepted_manifests();
     let (mut bytes, mut media_type) =
-        fetch_manifest(s, &s.image, s.reference.digest.as_deref()).await?;
+        fetch_manifest(s, &s.image, s.reference.digest.as_deref(), accepted).await?;
     if is_index(&media_type, &bytes) {
         let index: IndexDoc = serde_json::from_slice(&bytes)
             .map_err(|e| s.err(format!("its index does not parse: {e}")))?;
@@ -92,7 +94,7 @@ async fn pull_async(
             "linux/{arch} is {}",
             short(&entry.digest)
         )));
-        (bytes, media_type) = fetch_manifest(s, &by_digest, Some(&entry.digest)).await?;
+        (bytes, media_type) = fetch_manifest(s, &by_digest, Some(&entry.digest), accepted).await?;
         if media_type.is_empty() {
             media_type = entry.media_type.clone();
         }
@@ -101,6 +103,7 @@ async fn pull_async(
         .map_err(|e| s.err(format!("its manifest does not parse: {e}")))?;
 
     let config_bytes = fetch_small_blob(s, &manifest.config).await?;
+    store.check_manifest(s.reference, &manifest, &config_bytes)?;
     let incoming = store.incoming_dir();
     fs::create_dir_all(&incoming)
         .map_err(|e| ImageError::io(format!("create {}", incoming.display()), e))?;
@@ -114,31 +117,35 @@ async fn pull_async(
     .try_collect::<Vec<()>>()
     .await?;
 
-    let _lock = store.lock()?;
-    store.put_json_blob(&manifest.config.media_type, &config_bytes)?;
+    let mut fetched = Vec::new();
     for layer in &manifest.layers {
         let from = incoming.join(layer_hex(s, layer)?);
-        if from.exists() {
-            let to = store.blob_path(&layer.digest)?;
-            fs::rename(&from, &to).map_err(|e| {
-                ImageError::io(format!("move {} into the store", from.display()), e)
-            })?;
+        if fs::metadata(&from).is_ok_and(|m| m.len() == layer.size) {
+            fetched.push((layer.clone(), from));
         }
     }
-    fsync_dir(&store.root().join("blobs").join("sha256"))?;
     let media = if media_type.is_empty() {
         MEDIA_MANIFEST.to_string()
     } else {
         media_type
     };
-    let desc = store.put_json_blob(&media, &bytes)?;
-    let info = store.set_name_locked(s.reference, desc)?;
+    let manifest_digest = sha256_digest(&bytes);
+    let pulled = store.commit_pull(
+        s.reference,
+        PulledBlobs {
+            manifest_bytes: bytes,
+            media_type: media,
+            manifest,
+            config_bytes,
+            incoming: fetched,
+        },
+    )?;
     progress(Transfer::Step(format!(
         "pulled {} ({})",
         s.reference,
-        short(&info.id)
+        short(&manifest_digest)
     )));
-    Ok(info)
+    Ok(pulled)
 }
 
 fn is_index(media_type: &str, bytes: &[u8]) -> bool {
@@ -159,10 +166,11 @@ async fn fetch_manifest(
     s: &Session<'_>,
     image: &oci_client::Reference,
     want: Option<&str>,
+    accepted: &[&str],
 ) -> Result<(Vec<u8>, String), ImageError> {
     let (bytes, reported) = s
         .client
-        .pull_manifest_raw(image, &s.auth, &ACCEPTED)
+        .pull_manifest_raw(image, &s.auth, accepted)
         .await
         .map_err(|e| match e {
             OciDistributionError::ImageManifestNotFoundError(_) => {
@@ -199,8 +207,8 @@ fn layer_hex<'d>(s: &Session<'_>, layer: &'d Descriptor) -> Result<&'d str, Imag
 
 /// Downloads one layer into `incoming/`, resuming a partial download, and
 /// verifies it. A layer the store already has is not fetched.
-async fn fetch_layer(
-    store: &ImageStore,
+async fn fetch_layer<S: RegistryStore>(
+    store: &S,
     s: &Session<'_>,
     layer: &Descriptor,
     progress: &(dyn Fn(Transfer) + Sync),
@@ -208,14 +216,37 @@ async fn fetch_layer(
     let hex = layer_hex(s, layer)?;
     let id = short(&layer.digest);
     let stored = store.blob_path(&layer.digest)?;
-    if fs::metadata(&stored).is_ok_and(|m| m.len() == layer.size) {
+    let in_store = || fs::metadata(&stored).is_ok_and(|m| m.len() == layer.size);
+    if in_store() {
         progress(Transfer::Step(format!("{id}: already in the store")));
         return Ok(());
     }
     let path = store.incoming_dir().join(hex);
-    let mut have = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    if have > layer.size {
+    // Two pulls that need the same blob (two daemon threads) take turns on
+    // its partial file instead of writing into it at once; the second then
+    // finds it whole, or already moved into the store.
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
+    let file = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| ImageError::io(format!("lock {}", path.display()), errno.into()))?;
+    if in_store() {
+        // Another pull finished it meanwhile; what this open created is not needed.
         let _ = fs::remove_file(&path);
+        progress(Transfer::Step(format!("{id}: already in the store")));
+        return Ok(());
+    }
+    let mut have = file
+        .metadata()
+        .map_err(|e| ImageError::io(format!("read {}", path.display()), e))?
+        .len();
+    if have > layer.size {
+        file.set_len(0)
+            .map_err(|e| ImageError::io(format!("truncate {}", path.display()), e))?;
         have = 0;
     }
     let (digest, size) = if have < layer.size {
@@ -243,15 +274,15 @@ async fn fetch_layer(
         let mut done = 0;
         if append {
             (hasher, done) = hash_into(&path, Sha256::new())?;
+        } else {
+            file.set_len(0)
+                .map_err(|e| ImageError::io(format!("truncate {}", path.display()), e))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(append)
-            .write(true)
-            .truncate(!append)
-            .open(&path)
-            .map_err(|e| ImageError::io(format!("open {}", path.display()), e))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut writer: &File = &file;
+        writer
+            .seek(io::SeekFrom::Start(done))
+            .map_err(|e| ImageError::io(format!("seek {}", path.display()), e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
         let write_err = |e| ImageError::io(format!("write {}", path.display()), e);
         let mut last = Instant::now();
         let mut stream = stream.stream;

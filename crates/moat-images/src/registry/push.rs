@@ -1,7 +1,7 @@
 //! Store to registry: blobs the registry has are skipped, blobs it holds
-//! elsewhere are mounted, the rest streamed from disk; the manifest last.
+//! elsewhere are mounted, the rest streamed from disk; the manifest last,
+//! so that a registry never names a manifest whose blobs it lacks.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,10 +10,13 @@ use futures_util::{StreamExt, TryStreamExt};
 use oci_client::errors::OciDistributionError;
 use oci_client::RegistryOperation;
 
-use super::{runtime, short, RegistryOptions, Session, Transfer, PARALLEL_BLOBS, PROGRESS_EVERY};
+use super::{
+    runtime, short, RegistryOptions, RegistryStore, Session, Transfer, PARALLEL_BLOBS,
+    PROGRESS_EVERY,
+};
+use crate::digest::sha256_digest;
 use crate::error::ImageError;
-use crate::layout::ImageStore;
-use crate::oci::{Descriptor, Manifest};
+use crate::oci::Descriptor;
 use crate::reference::Reference;
 
 /// What a push did with each blob.
@@ -25,47 +28,18 @@ pub struct PushSummary {
     pub skipped: Vec<String>,
 }
 
-/// Pushes the stored image `reference` to its registry.
-pub fn push(
-    store: &ImageStore,
+/// Pushes what `store` holds as `reference` to its registry.
+pub fn push<S: RegistryStore>(
+    store: &S,
     reference: &Reference,
     opts: &RegistryOptions,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<PushSummary, ImageError> {
-    let entry = store.entry(reference)?;
-    let manifest_bytes = store.read_small_blob(&entry.digest)?;
-    let manifest: Manifest =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| ImageError::Registry {
-            reference: reference.to_string(),
-            reason: format!("its manifest does not parse: {e}"),
-        })?;
-    // Other repositories of the same registry that hold each blob: the
-    // registry can link a blob from there instead of taking it again.
-    let mut sources: HashMap<String, Vec<String>> = HashMap::new();
-    for other in store.list()? {
-        let Ok(other_ref) = Reference::parse(&other.reference) else {
-            continue;
-        };
-        if other_ref.registry() != reference.registry()
-            || other_ref.repository() == reference.repository()
-        {
-            continue;
-        }
-        if let Ok((m, _)) = store.manifest_and_config(&other) {
-            for l in m.layers.iter().chain(std::iter::once(&m.config)) {
-                sources
-                    .entry(l.digest.clone())
-                    .or_default()
-                    .push(other_ref.repository().to_string());
-            }
-        }
-    }
+) -> Result<PushSummary, S::Error> {
+    let source = store.push_source(reference)?;
+    let digest = sha256_digest(&source.manifest_bytes);
+    let manifest = &source.manifest;
     let session = Session::new(reference, opts)?;
-    let media = manifest
-        .media_type
-        .clone()
-        .unwrap_or_else(|| entry.media_type.clone());
-    runtime()?.block_on(async {
+    let summary = runtime()?.block_on(async {
         let s = &session;
         s.client
             .auth(&s.image, &s.auth, RegistryOperation::Push)
@@ -79,18 +53,18 @@ pub fn push(
         let outcomes = futures_util::stream::iter(
             blobs
                 .into_iter()
-                .map(|b| push_blob(store, s, b, sources.get(&b.digest), progress)),
+                .map(|b| push_blob(store, s, b, source.mount_sources.get(&b.digest), progress)),
         )
         .buffer_unordered(PARALLEL_BLOBS)
         .try_collect::<Vec<(String, BlobOutcome)>>()
         .await?;
-        let header = http::HeaderValue::from_str(&media).map_err(|e| s.err(e))?;
+        let header = http::HeaderValue::from_str(&source.media_type).map_err(|e| s.err(e))?;
         s.client
-            .push_manifest_raw(&s.image, manifest_bytes.clone(), header)
+            .push_manifest_raw(&s.image, source.manifest_bytes.clone(), header)
             .await
             .map_err(|e| s.err(format!("manifest: {e}")))?;
         let mut summary = PushSummary {
-            digest: entry.digest.clone(),
+            digest: digest.clone(),
             ..PushSummary::default()
         };
         for (digest, outcome) in outcomes {
@@ -103,10 +77,11 @@ pub fn push(
         progress(Transfer::Step(format!(
             "pushed {} ({})",
             s.reference,
-            short(&entry.digest)
+            short(&digest)
         )));
-        Ok(summary)
-    })
+        Ok::<_, ImageError>(summary)
+    })?;
+    Ok(summary)
 }
 
 enum BlobOutcome {
@@ -115,8 +90,8 @@ enum BlobOutcome {
     Present,
 }
 
-async fn push_blob(
-    store: &ImageStore,
+async fn push_blob<S: RegistryStore>(
+    store: &S,
     s: &Session<'_>,
     blob: &Descriptor,
     sources: Option<&Vec<String>>,

@@ -1,0 +1,743 @@
+//! The model worker: the `moat` binary re-executed in a hidden role, one
+//! process per loaded model. It owns the llama.cpp model and one context
+//! whose KV cache the slots share, and runs the scheduling loop: every step
+//! decodes one batch holding the next token of every generating slot plus a
+//! chunk of every prompt still being read (continuous batching), and new
+//! requests join between steps. A slot keeps the tokens it has in the cache
+//! after its request ends, so the next request that shares a prefix with
+//! them (an agent resending its conversation) only pays for the new tail.
+//!
+//! It talks to the runner over its standard input, a Unix socket; anything
+//! llama.cpp prints goes to standard error, the model's log.
+
+use std::collections::VecDeque;
+use std::io::BufWriter;
+use std::num::NonZeroU32;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
+
+use super::protocol::{
+    read_frame, write_frame, Finish, FromWorker, Generate, LoadSpec, Loaded, Sampling, Timings,
+    ToWorker,
+};
+use super::text::{Step, TextOut};
+
+/// The argument that makes `moat` a model worker.
+pub const ROLE: &str = "__model-worker";
+
+/// Entry point of the worker role; returns the process exit code.
+pub fn worker_main() -> i32 {
+    // If the daemon dies, so does its worker (the socket's end would tell us
+    // too, but only between steps).
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a plain signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => UnixStream::from(fd),
+        Err(e) => {
+            eprintln!("moat model worker: no socket on standard input: {e}");
+            return 2;
+        }
+    };
+    match run(sock) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("moat model worker: {e}");
+            1
+        }
+    }
+}
+
+fn run(sock: UnixStream) -> Result<(), String> {
+    let mut reader = sock.try_clone().map_err(|e| e.to_string())?;
+    let mut out = BufWriter::new(sock);
+    let spec = match read_frame::<ToWorker>(&mut reader).map_err(|e| e.to_string())? {
+        Some(ToWorker::Load(spec)) => spec,
+        Some(other) => return Err(format!("expected a load request first, got {other:?}")),
+        None => return Ok(()),
+    };
+    let send = |out: &mut BufWriter<UnixStream>, msg: &FromWorker| {
+        write_frame(out, msg).map_err(|e| format!("the runner went away: {e}"))
+    };
+    let engine = match Engine::load(&spec) {
+        Ok(engine) => engine,
+        Err(error) => {
+            send(
+                &mut out,
+                &FromWorker::LoadFailed {
+                    error: error.clone(),
+                },
+            )?;
+            return Err(error);
+        }
+    };
+    let mut sched = match Scheduler::new(&engine, &spec) {
+        Ok(s) => s,
+        Err(error) => {
+            send(
+                &mut out,
+                &FromWorker::LoadFailed {
+                    error: error.clone(),
+                },
+            )?;
+            return Err(error);
+        }
+    };
+    send(&mut out, &FromWorker::Loaded(sched.loaded(&engine)))?;
+
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(Some(msg)) = read_frame::<ToWorker>(&mut reader) {
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+    sched.serve(&rx, &mut out)
+}
+
+/// The backend and the model, which contexts borrow.
+struct Engine {
+    backend: LlamaBackend,
+    model: LlamaModel,
+    load_ms: f64,
+}
+
+impl Engine {
+    fn load(spec: &LoadSpec) -> Result<Engine, String> {
+        // The header is checked in Rust before llama.cpp reads a byte of it.
+        crate::gguf::read_file(&spec.gguf)
+            .map_err(|e| format!("{} is not a usable GGUF file: {e}", spec.gguf.display()))?;
+        llama_cpp_2::send_logs_to_tracing(
+            llama_cpp_2::LogOptions::default().with_logs_enabled(false),
+        );
+        let backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let model = LlamaModel::load_from_file(&backend, &spec.gguf, &LlamaModelParams::default())
+            .map_err(|e| format!("llama.cpp could not load {}: {e}", spec.gguf.display()))?;
+        Ok(Engine {
+            backend,
+            model,
+            load_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// One sequence of the shared context.
+struct Slot {
+    seq: i32,
+    /// Tokens whose keys and values are in the cache, positions 0..len.
+    cached: Vec<LlamaToken>,
+    active: Option<Active>,
+    /// When it last served a request (a step counter), for eviction.
+    last_used: u64,
+}
+
+struct Active {
+    id: u64,
+    prompt: Vec<LlamaToken>,
+    cache_n: u32,
+    sampler: LlamaSampler,
+    generated: u32,
+    max_tokens: u32,
+    ignore_eos: bool,
+    text: TextOut,
+    /// The token sampled last, to be decoded in the next step.
+    next: Option<LlamaToken>,
+    /// Where this slot's logits are in the batch being decoded.
+    logits_at: Option<i32>,
+    started: Instant,
+    prompt_done: Option<Instant>,
+}
+
+impl Active {
+    fn prefilling(&self, slot_cached: usize) -> bool {
+        slot_cached < self.prompt.len()
+    }
+}
+
+struct Scheduler<'m> {
+    engine: &'m Engine,
+    ctx: LlamaContext<'m>,
+    embed_ctx: Option<LlamaContext<'m>>,
+    spec: LoadSpec,
+    slots: Vec<Slot>,
+    queue: VecDeque<Generate>,
+    batch: LlamaBatch<'static>,
+    step: u64,
+}
+
+fn context_params(spec: &LoadSpec) -> LlamaContextParams {
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(spec.context_size))
+        .with_n_batch(spec.batch)
+        .with_n_ubatch(spec.ubatch)
+        .with_n_threads(spec.threads)
+        .with_n_threads_batch(spec.threads)
+}
+
+impl<'m> Scheduler<'m> {
+    fn new(engine: &'m Engine, spec: &LoadSpec) -> Result<Self, String> {
+        let slots = spec.slots.max(1);
+        // One cache shared by every slot (llama-server's unified KV cache):
+        // a single long request can use the whole context, and idle slots
+        // keep their prefixes until the space is wanted.
+        let params = context_params(spec)
+            .with_n_seq_max(slots)
+            .with_kv_unified(true);
+        let ctx = engine
+            .model
+            .new_context(&engine.backend, params)
+            .map_err(|e| {
+                format!(
+                    "llama.cpp could not make a context of {} tokens: {e}",
+                    spec.context_size
+                )
+            })?;
+        Ok(Scheduler {
+            engine,
+            ctx,
+            embed_ctx: None,
+            spec: spec.clone(),
+            slots: (0..slots)
+                .map(|i| Slot {
+                    seq: i as i32,
+                    cached: Vec::new(),
+                    active: None,
+                    last_used: 0,
+                })
+                .collect(),
+            queue: VecDeque::new(),
+            batch: LlamaBatch::new(spec.batch.max(1) as usize, slots as i32),
+            step: 0,
+        })
+    }
+
+    fn loaded(&self, engine: &Engine) -> Loaded {
+        let m = &engine.model;
+        let vocab = m.vocab();
+        let text = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+        Loaded {
+            chat_template: m.meta_val_str("tokenizer.chat_template").ok(),
+            bos: text(vocab.bos()),
+            eos: text(vocab.eos()),
+            context_size: self.ctx.n_ctx(),
+            context_train: m.n_ctx_train(),
+            vocab: m.n_vocab(),
+            embedding_length: m.n_embd(),
+            params: m.n_params(),
+            size: m.size(),
+            load_ms: engine.load_ms,
+        }
+    }
+
+    fn serve(
+        &mut self,
+        rx: &mpsc::Receiver<ToWorker>,
+        out: &mut BufWriter<UnixStream>,
+    ) -> Result<(), String> {
+        let mut events = Vec::new();
+        loop {
+            let busy = self.slots.iter().any(|s| s.active.is_some());
+            let msg = if busy {
+                rx.try_recv().ok()
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return Ok(()),
+                }
+            };
+            if let Some(msg) = msg {
+                self.handle(msg, &mut events);
+                // Take everything that arrived, then run a step.
+                while let Ok(msg) = rx.try_recv() {
+                    self.handle(msg, &mut events);
+                }
+            }
+            self.admit(&mut events);
+            if self.slots.iter().any(|s| s.active.is_some()) {
+                self.run_step(&mut events);
+            }
+            for ev in events.drain(..) {
+                write_frame(out, &ev).map_err(|e| format!("the runner went away: {e}"))?;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: ToWorker, events: &mut Vec<FromWorker>) {
+        match msg {
+            ToWorker::Generate(g) => self.queue.push_back(g),
+            ToWorker::Cancel { id } => {
+                self.queue.retain(|g| g.id != id);
+                for slot in &mut self.slots {
+                    if slot.active.as_ref().is_some_and(|a| a.id == id) {
+                        finish(slot, Finish::Cancelled, events);
+                    }
+                }
+            }
+            ToWorker::Tokenize { id, text, special } => {
+                let tokens = self.tokenize(&text, special);
+                events.push(FromWorker::Tokens {
+                    id,
+                    tokens: tokens.iter().map(|t| t.0).collect(),
+                });
+            }
+            ToWorker::Embed { id, inputs } => events.push(match self.embed(&inputs) {
+                Ok((vectors, tokens)) => FromWorker::Embeddings {
+                    id,
+                    vectors,
+                    tokens,
+                },
+                Err((status, error)) => FromWorker::Failed { id, status, error },
+            }),
+            ToWorker::Load(_) => {}
+        }
+    }
+
+    fn tokenize(&self, text: &str, special: bool) -> Vec<LlamaToken> {
+        let vocab = self.engine.model.vocab();
+        let mut tokens = vocab.tokenize(text.as_bytes(), special, special);
+        // Templates that write the BOS text themselves would get it twice.
+        if tokens.len() >= 2 && tokens[0] == vocab.bos() && tokens[1] == vocab.bos() {
+            tokens.remove(0);
+        }
+        tokens
+    }
+
+    /// Move queued requests into free slots: the idle slot whose cache
+    /// shares the longest prefix with the prompt, else the least recently
+    /// used one.
+    fn admit(&mut self, events: &mut Vec<FromWorker>) {
+        while self.slots.iter().any(|s| s.active.is_none()) {
+            let Some(g) = self.queue.pop_front() else {
+                return;
+            };
+            let prompt = self.tokenize(&g.prompt, true);
+            let n_ctx = self.ctx.n_ctx() as usize;
+            if prompt.is_empty() {
+                events.push(FromWorker::Failed {
+                    id: g.id,
+                    status: 400,
+                    error: "the prompt is empty".into(),
+                });
+                continue;
+            }
+            if prompt.len() >= n_ctx {
+                events.push(FromWorker::Failed {
+                    id: g.id,
+                    status: 400,
+                    error: format!(
+                        "the prompt is {} tokens, over the context size of {n_ctx}; shorten it or raise the context with `moat model configure --context-size N MODEL`",
+                        prompt.len()
+                    ),
+                });
+                continue;
+            }
+            let sampler = match build_sampler(&self.engine.model, &g.sampling, g.grammar.as_deref())
+            {
+                Ok(s) => s,
+                Err(error) => {
+                    events.push(FromWorker::Failed {
+                        id: g.id,
+                        status: 400,
+                        error,
+                    });
+                    continue;
+                }
+            };
+            let Some(index) = best_slot(&self.slots, &prompt) else {
+                return;
+            };
+            let slot = &mut self.slots[index];
+            let mut keep = common_prefix(&slot.cached, &prompt);
+            // The last prompt token is always decoded again: its logits are
+            // where the first new token comes from.
+            keep = keep.min(prompt.len() - 1);
+            if self
+                .ctx
+                .kv_cache_seq_rm(slot.seq, Some(keep as u32), None)
+                .is_err()
+            {
+                // Recurrent models cannot drop a tail: start the slot afresh.
+                let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
+                keep = 0;
+            }
+            slot.cached.truncate(keep);
+            let room = (n_ctx - prompt.len()) as u32;
+            slot.active = Some(Active {
+                id: g.id,
+                cache_n: keep as u32,
+                max_tokens: g.max_tokens.map_or(room, |m| m.min(room)),
+                prompt,
+                sampler,
+                generated: 0,
+                ignore_eos: g.ignore_eos,
+                text: TextOut::new(g.stop),
+                next: None,
+                logits_at: None,
+                started: Instant::now(),
+                prompt_done: None,
+            });
+        }
+    }
+
+    /// One decode over every active slot; on a full cache, free the idle
+    /// slots' caches, and if that is not enough, fail the newest request.
+    fn run_step(&mut self, events: &mut Vec<FromWorker>) {
+        self.step += 1;
+        loop {
+            let added = self.fill_batch();
+            match self.ctx.decode(&mut self.batch) {
+                Ok(()) => {
+                    for (index, n) in added {
+                        let slot = &mut self.slots[index];
+                        if let Some(a) = &slot.active {
+                            let start = slot.cached.len();
+                            let toks: Vec<LlamaToken> = if a.prefilling(start) {
+                                a.prompt[start..start + n].to_vec()
+                            } else {
+                                a.next.into_iter().collect()
+                            };
+                            slot.cached.extend(toks);
+                        }
+                    }
+                    break;
+                }
+                Err(DecodeError::NoKvCacheSlot) => {
+                    if self.evict_idle() {
+                        continue;
+                    }
+                    let newest = self
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| s.active.as_ref().map(|a| (a.started, i)))
+                        .max();
+                    if let Some((_, i)) = newest {
+                        let n_ctx = self.ctx.n_ctx();
+                        let slot = &mut self.slots[i];
+                        if let Some(a) = slot.active.take() {
+                            events.push(FromWorker::Failed {
+                                id: a.id,
+                                status: 503,
+                                error: format!("the context of {n_ctx} tokens is full with the requests in flight; retry, or raise it with `moat model configure --context-size N MODEL`"),
+                            });
+                        }
+                        let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
+                        slot.cached.clear();
+                    }
+                    if !self.slots.iter().any(|s| s.active.is_some()) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    for slot in &mut self.slots {
+                        if let Some(a) = slot.active.take() {
+                            events.push(FromWorker::Failed {
+                                id: a.id,
+                                status: 500,
+                                error: format!("llama.cpp failed to decode: {e}"),
+                            });
+                        }
+                        let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
+                        slot.cached.clear();
+                    }
+                    return;
+                }
+            }
+        }
+        self.sample_all(events);
+    }
+
+    /// Put the next tokens of every active slot into the batch; returns
+    /// (slot, tokens added) for each.
+    fn fill_batch(&mut self) -> Vec<(usize, usize)> {
+        self.batch.clear();
+        let mut budget = self.spec.batch.max(1) as usize;
+        let mut added = Vec::new();
+        // Generating slots first: one token each keeps every stream moving
+        // while long prompts are read in chunks beside them.
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            a.logits_at = None;
+            if a.prefilling(slot.cached.len()) || budget == 0 {
+                continue;
+            }
+            if let Some(tok) = a.next {
+                let pos = slot.cached.len() as i32;
+                if self.batch.add(tok, pos, &[slot.seq], true).is_ok() {
+                    a.logits_at = Some(self.batch.n_tokens() - 1);
+                    added.push((index, 1));
+                    budget -= 1;
+                }
+            }
+        }
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            let start = slot.cached.len();
+            if !a.prefilling(start) || budget == 0 {
+                continue;
+            }
+            let n = (a.prompt.len() - start).min(budget);
+            let last = start + n == a.prompt.len();
+            let mut ok = 0;
+            for (k, tok) in a.prompt[start..start + n].iter().enumerate() {
+                let logits = last && k == n - 1;
+                if self
+                    .batch
+                    .add(*tok, (start + k) as i32, &[slot.seq], logits)
+                    .is_err()
+                {
+                    break;
+                }
+                ok += 1;
+            }
+            if last && ok == n {
+                a.logits_at = Some(self.batch.n_tokens() - 1);
+            }
+            budget -= ok;
+            added.push((index, ok));
+        }
+        added
+    }
+
+    fn sample_all(&mut self, events: &mut Vec<FromWorker>) {
+        let vocab = self.engine.model.vocab();
+        let step = self.step;
+        for slot in &mut self.slots {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            let Some(at) = a.logits_at.take() else {
+                continue;
+            };
+            slot.last_used = step;
+            if a.prompt_done.is_none() {
+                a.prompt_done = Some(Instant::now());
+            }
+            let tok = a.sampler.sample(&self.ctx, at);
+            if vocab.is_eog(tok) && !a.ignore_eos {
+                finish(slot, Finish::Stop, events);
+                continue;
+            }
+            a.generated += 1;
+            let piece = vocab.token_to_piece(tok, false, None);
+            match a.text.push(&piece) {
+                Step::Stop(text) => {
+                    if !text.is_empty() {
+                        events.push(FromWorker::Piece { id: a.id, text });
+                    }
+                    finish(slot, Finish::Stop, events);
+                    continue;
+                }
+                Step::Emit(text) if !text.is_empty() => {
+                    events.push(FromWorker::Piece { id: a.id, text })
+                }
+                Step::Emit(_) => {}
+            }
+            if a.generated >= a.max_tokens {
+                finish(slot, Finish::Length, events);
+            } else {
+                a.next = Some(tok);
+            }
+        }
+    }
+
+    /// Drop the cached prefixes of idle slots, least recently used first;
+    /// false when there were none to drop.
+    fn evict_idle(&mut self) -> bool {
+        let victim = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active.is_none() && !s.cached.is_empty())
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(i, _)| i);
+        let Some(i) = victim else { return false };
+        let seq = self.slots[i].seq;
+        let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+        self.slots[i].cached.clear();
+        true
+    }
+
+    /// Mean-pooled, normalised embeddings from a second context made on
+    /// first use (its cache is separate from the generating slots').
+    fn embed(&mut self, inputs: &[String]) -> Result<(Vec<Vec<f32>>, u32), (u16, String)> {
+        let tokenized: Vec<Vec<LlamaToken>> =
+            inputs.iter().map(|t| self.tokenize(t, true)).collect();
+        if self.embed_ctx.is_none() {
+            let params = context_params(&self.spec)
+                .with_n_ubatch(self.spec.batch)
+                .with_embeddings(true)
+                .with_pooling_type(LlamaPoolingType::Mean);
+            let ctx = self
+                .engine
+                .model
+                .new_context(&self.engine.backend, params)
+                .map_err(|e| {
+                    (
+                        500,
+                        format!("llama.cpp could not make an embedding context: {e}"),
+                    )
+                })?;
+            self.embed_ctx = Some(ctx);
+        }
+        let Some(ctx) = self.embed_ctx.as_mut() else {
+            return Err((500, "no embedding context".into()));
+        };
+        let limit = (self.spec.batch as usize).min(ctx.n_ctx() as usize);
+        let mut vectors = Vec::new();
+        let mut total = 0u32;
+        for tokens in &tokenized {
+            if tokens.is_empty() {
+                return Err((400, "an input to embed is empty".into()));
+            }
+            if tokens.len() > limit {
+                return Err((
+                    400,
+                    format!(
+                        "an input is {} tokens, over the embedding limit of {limit}",
+                        tokens.len()
+                    ),
+                ));
+            }
+            total += tokens.len() as u32;
+            let _ = ctx.kv_cache_seq_rm(0, None, None);
+            let mut batch = LlamaBatch::new(tokens.len(), 1);
+            batch
+                .add_sequence(tokens, 0, true)
+                .map_err(|e| (500, e.to_string()))?;
+            ctx.decode(&mut batch)
+                .map_err(|e| (500, format!("llama.cpp failed to embed: {e}")))?;
+            let v = ctx
+                .embeddings_seq_ith(0)
+                .map_err(|e| (500, e.to_string()))?;
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            vectors.push(v.iter().map(|x| x / norm).collect());
+        }
+        Ok((vectors, total))
+    }
+}
+
+fn finish(slot: &mut Slot, why: Finish, events: &mut Vec<FromWorker>) {
+    let Some(mut a) = slot.active.take() else {
+        return;
+    };
+    let rest = a.text.finish();
+    if !rest.is_empty() && why != Finish::Cancelled {
+        events.push(FromWorker::Piece {
+            id: a.id,
+            text: rest,
+        });
+    }
+    let now = Instant::now();
+    let prompt_done = a.prompt_done.unwrap_or(now);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let prompt_n = a.prompt.len() as u32 - a.cache_n;
+    events.push(FromWorker::Done {
+        id: a.id,
+        finish: why,
+        prompt_tokens: a.prompt.len() as u32,
+        completion_tokens: a.generated,
+        timings: Timings::new(
+            a.cache_n,
+            prompt_n,
+            ms(prompt_done - a.started),
+            a.generated,
+            ms(now - prompt_done),
+        ),
+    });
+}
+
+/// The idle slot to serve `prompt`: longest cached prefix, then least
+/// recently used.
+fn best_slot(slots: &[Slot], prompt: &[LlamaToken]) -> Option<usize> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.active.is_none())
+        .max_by_key(|(_, s)| {
+            (
+                common_prefix(&s.cached, prompt),
+                std::cmp::Reverse(s.last_used),
+            )
+        })
+        .map(|(i, _)| i)
+}
+
+fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn build_sampler(
+    model: &LlamaModel,
+    s: &Sampling,
+    grammar: Option<&str>,
+) -> Result<LlamaSampler, String> {
+    let mut chain = Vec::new();
+    if let Some(g) = grammar {
+        chain.push(
+            LlamaSampler::grammar(model, g, "root")
+                .map_err(|e| format!("llama.cpp refused the grammar: {e}"))?,
+        );
+    }
+    if s.repeat_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            s.repeat_last_n,
+            s.repeat_penalty,
+            s.frequency_penalty,
+            s.presence_penalty,
+        ));
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if s.top_k > 0 {
+            chain.push(LlamaSampler::top_k(s.top_k));
+        }
+        if s.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(s.top_p, 1));
+        }
+        if s.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(s.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(s.temperature));
+        chain.push(LlamaSampler::dist(s.seed.unwrap_or_else(rand_seed)));
+    }
+    Ok(LlamaSampler::chain_simple(chain))
+}
+
+fn rand_seed() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.subsec_nanos() ^ std::process::id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_prefix;
+
+    #[test]
+    fn common_prefix_counts_equal_leading_items() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix::<i32>(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2]), 2);
+    }
+}
