@@ -17,14 +17,21 @@ concurrent streams), for SmolLM2-135M (Q4_1) and Gemma-3-270M (Q4_K_M):
 Both servers are driven the same way, through the OpenAI-compatible API they both speak
 (/v1/completions and /v1/chat/completions, stream: true), by this script alone (standard library only).
 The peer runs as `llama-server -m FILE -t THREADS -c 4096 -np 4 --metrics`, threads = physical cores;
-moat's runner defaults to the physical cores and 4 slots. One server runs at a time.
+moat's runner defaults to the physical cores and 4 slots. Both stay loaded while a model is measured,
+and each workload alternates between them run by run (which goes first alternates too), so that the
+noise of a shared machine hits both alike; only one is ever busy. The load average is printed: on a busy
+machine, threads that spin in OpenMP barriers lose most of their speed and no figure means much.
+The Gemma GGUF (google/gemma-3-270m, the base model) has no chat template: llama-server falls back to
+ChatML, and the agent replay prints each server's prompt size at turn 10 so the two can be compared.
 
 Usage: benches/models.py [--peer-only] [--models smollm2,gemma3] [--runs 3]
                          [--moat target/release/moat] [--llama-server PATH]
+(moat: a release build, `cargo build --release -p moat-cli`, which compiles llama.cpp in Release with
+-C target-cpu=native as .cargo/config.toml sets; the peer is built with GGML_NATIVE=ON in Release.)
 Fetches the models with scripts/models.sh and builds the peer with scripts/llama-server.sh (once,
-cached). moat runs with its own state under a temporary directory and must find 127.0.0.1:12434 free;
---moat-running uses a moat already serving --moat-url instead (the models already in its store; no
-cold load figure then).
+cached). moat runs as its own daemon, with its own state under a temporary directory and its model
+runner on --moat-port (MOAT_MODEL_PORT), so a daemon already on 12434 is left alone; --moat-running
+uses a moat already serving --moat-url instead (the models already in its store; no cold load then).
 """
 import argparse
 import http.client
@@ -72,14 +79,20 @@ ap.add_argument("--threads", type=int, default=physical_cores(), help="llama-ser
 ap.add_argument("--llama-server", help="llama-server binary (default: the one scripts/llama-server.sh builds)")
 ap.add_argument("--peer-port", type=int, default=18434)
 ap.add_argument("--moat", default=os.path.join(ROOT, "target/release/moat"))
-ap.add_argument("--moat-url", default="http://127.0.0.1:12434/engines/llama.cpp/v1", help="moat's OpenAI base URL")
-ap.add_argument("--moat-running", action="store_true", help="use the moat already serving --moat-url")
+ap.add_argument("--moat-running", action="store_true", help="use a moat already serving --moat-url")
+ap.add_argument("--moat-port", type=int, default=18435,
+                help="the model runner port of the daemon this script starts (MOAT_MODEL_PORT), so that it never "
+                     "meets a daemon already on 12434")
+ap.add_argument("--moat-url", help="moat's OpenAI base URL (default: http://127.0.0.1:PORT/engines/llama.cpp/v1, PORT "
+                                   "12434 with --moat-running, else --moat-port)")
 ap.add_argument("--moat-name", action="append", default=[], metavar="KEY=REF",
                 help="moat store name for a model, e.g. smollm2=ai/smollm2:135M-Q4_1")
 ap.add_argument("--moat-worker", default="moat:__model-worker", metavar="NAME:ARG",
                 help="how to find moat's worker process: its program name and one of its arguments")
 ap.add_argument("--timeout", type=float, default=300, help="seconds any one request may take")
 args = ap.parse_args()
+if not args.moat_url:
+    args.moat_url = f"http://127.0.0.1:{12434 if args.moat_running else args.moat_port}/engines/llama.cpp/v1"
 
 keys = [k.strip() for k in args.models.split(",") if k.strip()]
 for k in keys:
@@ -246,7 +259,21 @@ def rss(pid):
     return vals.get("VmRSS", 0.0), vals.get("RssAnon", 0.0)
 
 
-def find_worker(model_ref):
+def ancestors(pid):
+    out = []
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        out.append(pid)
+    return out
+
+
+def find_worker(model_ref, daemon_pid=None):
+    """moat's worker for the model: a process named WORKER_PROG with WORKER_ARG among its arguments,
+    started by our daemon when we started one (other daemons on the machine have workers too)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -257,7 +284,8 @@ def find_worker(model_ref):
         except OSError:
             continue
         if argv and WORKER_ARG in argv and WORKER_PROG in (os.path.basename(argv[0]), comm):
-            found.append((int(pid), argv))
+            if daemon_pid is None or daemon_pid in ancestors(int(pid)):
+                found.append((int(pid), argv))
     if len(found) > 1:
         mine = [p for p in found if any(model_ref in a for a in p[1])]
         if len(mine) == 1:
@@ -337,23 +365,23 @@ AGENT_SYSTEM = ("You are a coding agent in a Linux sandbox. Run shell commands b
                 "block; their output comes back in the next message. Keep answers short.")
 AGENT_TURNS = [
     ("The tests in tests/test_parse.py fail since this morning. Find out why.",
-     "Let me run the failing tests first.\n```\npytest -q tests/test_parse.py\n```"),
-    ("Output:\nFAILED tests/test_parse.py::test_dates - ValueError: unconverted data remains: Z\n1 failed, 11 passed",
-     "The date parser rejects a trailing Z. Let me look at the parser.\n```\nsed -n 1,40p src/parse.py\n```"),
-    ("Output:\ndef parse_date(s):\n    return datetime.strptime(s, '%Y-%m-%dT%H:%M:%S')\n\ndef parse_line(line):\n    k, v = line.split('=', 1)\n    return k.strip(), v.strip()",
-     "parse_date uses a fixed format without a timezone. Let me see which input has the Z.\n```\ngrep -n 'Z' tests/data/*.txt\n```"),
-    ("Output:\ntests/data/dates.txt:3:created=2024-05-01T10:00:00Z\ntests/data/dates.txt:7:updated=2024-05-02T11:30:00Z",
-     "The fixtures now carry UTC times with a Z suffix. I will make the parser accept it.\n```\ngit log -1 --stat tests/data\n```"),
-    ("Output:\ncommit 4e1f2a9 (HEAD)\n    fixtures: use UTC timestamps\n tests/data/dates.txt | 4 ++--",
-     "Confirmed: the fixtures changed, not the code. I will use datetime.fromisoformat, which accepts Z on Python 3.11.\n```\npython3 --version\n```"),
+     "Let me run them first.\n```\npytest -q tests/test_parse.py\n```"),
+    ("Output:\nFAILED test_dates - ValueError: unconverted data remains: Z\n1 failed, 11 passed",
+     "The date parser rejects a trailing Z. Let me read it.\n```\nsed -n 1,20p src/parse.py\n```"),
+    ("Output:\ndef parse_date(s):\n    return datetime.strptime(s, FORMAT)",
+     "It uses a fixed format without a timezone. Which input has the Z?\n```\ngrep -n Z tests/data/*.txt\n```"),
+    ("Output:\ntests/data/dates.txt:3:created=2024-05-01T10:00:00Z",
+     "The fixtures now carry UTC times. Let me check when that changed.\n```\ngit log -1 --oneline tests/data\n```"),
+    ("Output:\n4e1f2a9 fixtures: use UTC timestamps",
+     "The fixtures changed, not the code. datetime.fromisoformat accepts Z on Python 3.11.\n```\npython3 --version\n```"),
     ("Output:\nPython 3.11.7",
-     "Good, 3.11 parses Z. Editing the parser now.\n```\nsed -i \"s/datetime.strptime(s, '%Y-%m-%dT%H:%M:%S')/datetime.fromisoformat(s)/\" src/parse.py\n```"),
+     "Good. Editing the parser.\n```\nsed -i 's/strptime(s, FORMAT)/fromisoformat(s)/' src/parse.py\n```"),
     ("Done, no output.",
      "Running the tests again.\n```\npytest -q tests/test_parse.py\n```"),
-    ("Output:\nFAILED tests/test_parse.py::test_naive - AssertionError\n1 failed, 11 passed",
+    ("Output:\nFAILED test_naive - AssertionError\n1 failed, 11 passed",
      "A naive expectation fails now. Let me read that test.\n```\ngrep -n -A2 'def test_naive' tests/test_parse.py\n```"),
-    ("Output:\ndef test_naive():\n    assert parse_date('2024-05-01T10:00:00') == datetime(2024, 5, 1, 10, 0)",
-     "That input has no Z, so it stays naive. Checking which line fails.\n```\npytest -q -k naive --tb=line\n```"),
+    ("Output:\ndef test_naive():\n    assert parse_date(NAIVE) == EXPECTED",
+     "That input has no Z, so it stays naive. Which line fails?\n```\npytest -q -k naive --tb=line\n```"),
     ("Output:\ntests/test_parse.py:41: fixture line 3 compared with a naive datetime. Fix the test or the parser?",
      None),
 ]
@@ -556,9 +584,10 @@ def start_moat(holder, key, path, tmp, res):
         if not os.access(args.moat, os.X_OK):
             raise Unmeasured(f"{args.moat} is missing; cargo build --release -p moat-cli")
         if port_open(srv.host, srv.port):
-            raise Unmeasured(f"{srv.host}:{srv.port} is busy (another moat daemon?); stop it, or pass --moat-running")
+            raise Unmeasured(f"{srv.host}:{srv.port} is busy; pass --moat-port, or --moat-running to use what listens there")
         state = os.path.join(tmp, f"moat-{key}")
-        env = dict(os.environ, MOAT_HOME=os.path.join(state, "home"), MOAT_RUNTIME_DIR=os.path.join(state, "run"))
+        env = dict(os.environ, MOAT_HOME=os.path.join(state, "home"), MOAT_RUNTIME_DIR=os.path.join(state, "run"),
+                   MOAT_MODEL_PORT=str(srv.port))
         srv.start([args.moat, "daemon"], env=env)
         deadline = time.time() + 60
         while not port_open(srv.host, srv.port):
@@ -577,7 +606,7 @@ def start_moat(holder, key, path, tmp, res):
         srv.start([args.moat, "daemon"], env=env)
         res["cold"] = wait_ready(srv, t0) * 1000
     try:
-        worker = find_worker(ref)
+        worker = find_worker(ref, srv.proc.pid if srv.proc else None)
         res["rss"], anon = rss(worker)
         cold = res["cold"] if isinstance(res["cold"], Unmeasured) else f"{res['cold']:.0f} ms"
         print(f"  moat: cold load {cold}, worker pid {worker} RSS {res['rss']:.1f} MiB (anonymous {anon:.1f} MiB); "
@@ -644,7 +673,7 @@ def table(key, peer, moat):
         for who, v in (("peer", p), ("moat", m)):
             if (who == "peer" or moat is not None) and not isinstance(v, (int, float)):
                 missing.setdefault((label, who, str(v)), []).append(name)
-    return [f"{label}, {who}, {', '.join(names) if len(names) < len(FIGURES) else 'every figure'}: {why}"
+    return [f"{label} / {who} / {' | '.join(names) if len(names) < len(FIGURES) else 'every figure'}: {why}"
             for (label, who, why), names in missing.items()]
 
 

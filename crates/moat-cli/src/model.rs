@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use moat_api::{ModelDiskUsage, ModelInfo, ModelPackageRequest, ModelRemoved, Request};
+use moat_models::store::ModelConfig;
 
 use crate::client::{call, call_with_fds};
 use crate::output::{human_size, table};
@@ -132,7 +133,8 @@ pub fn run(cmd: ModelCmd) -> Result<i32> {
         } => {
             let models: Vec<ModelInfo> = call(&Request::ModelList)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&models)?);
+                let shown: Vec<Dmr<'_>> = models.iter().map(dmr).collect();
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else if openai {
                 let data: Vec<serde_json::Value> = models.iter().map(openai_model).collect();
                 let list = serde_json::json!({"object": "list", "data": data});
@@ -147,11 +149,11 @@ pub fn run(cmd: ModelCmd) -> Result<i32> {
         ModelCmd::Inspect { openai, reference } => {
             let model: ModelInfo = call(&Request::ModelInspect { reference })?;
             let shown = if openai {
-                openai_model(&model)
+                serde_json::to_string_pretty(&openai_model(&model))?
             } else {
-                serde_json::to_value(&model)?
+                serde_json::to_string_pretty(&dmr(&model))?
             };
-            println!("{}", serde_json::to_string_pretty(&shown)?);
+            println!("{shown}");
             Ok(0)
         }
         ModelCmd::Rm { force, references } => {
@@ -336,6 +338,25 @@ fn display_name(tag: &str) -> String {
 /// The 12 hex digits after `sha256:`.
 fn short_id(id: &str) -> String {
     id.trim_start_matches("sha256:").chars().take(12).collect()
+}
+
+/// A model as `docker model inspect` prints it, fields in DMR's order.
+#[derive(serde::Serialize)]
+struct Dmr<'a> {
+    id: &'a str,
+    tags: &'a [String],
+    created: i64,
+    config: ModelConfig,
+}
+
+fn dmr(m: &ModelInfo) -> Dmr<'_> {
+    Dmr {
+        id: &m.id,
+        tags: &m.tags,
+        created: m.created,
+        // The daemon sent what a ModelConfig serialises to.
+        config: serde_json::from_value(m.config.clone()).unwrap_or_default(),
+    }
 }
 
 /// OpenAI's model object, as DMR's `/engines/v1/models` gives it.

@@ -203,10 +203,12 @@ pub fn logs(model: Option<String>, follow: bool) -> Result<i32> {
     };
     let mut out = std::io::stdout();
     std::io::copy(&mut file, &mut out)?;
-    while follow {
+    if !follow {
+        return Ok(0);
+    }
+    loop {
         std::thread::sleep(std::time::Duration::from_millis(300));
         std::io::copy(&mut file, &mut out)?;
         out.flush()?;
     }
-    Ok(0)
 }

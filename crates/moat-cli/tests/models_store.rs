@@ -199,6 +199,15 @@ fn a_model_goes_through_a_registry_and_comes_back_the_same() {
         manifest["layers"][0]["digest"].as_str().unwrap(),
         sha256_file(&gguf)
     );
+    // The image store tells a model from an image before fetching weights.
+    let as_image = moat(&["image", "pull", &remote]);
+    assert!(!as_image.status.success());
+    assert!(
+        text(&as_image.stderr).contains("it is a model")
+            && text(&as_image.stderr).contains("moat model pull"),
+        "{}",
+        text(&as_image.stderr)
+    );
 
     // Gone from the store, every blob with it.
     let removed = moat_ok(&["model", "rm", "-f", &id]);
@@ -329,13 +338,15 @@ fn a_broken_gguf_never_enters_the_store() {
             "broken",
         ]);
         assert!(!out.status.success());
-        let err = text(&out.stderr);
+        let stderr = text(&out.stderr);
+        // Progress lines first; the error is one line of its own.
+        let err = stderr.lines().last().unwrap_or_default();
         let name = file.file_name().unwrap().to_str().unwrap();
         assert!(
-            err.contains(&format!("{name} is not a usable GGUF model")) && err.contains(why),
-            "{err}"
+            err.starts_with(&format!("moat: {name} is not a usable GGUF model"))
+                && err.contains(why),
+            "{stderr}"
         );
-        assert_eq!(err.lines().count(), 1, "{err}");
     }
     assert_eq!(moat_ok(&["model", "ls", "-q"]), "");
     for dir in ["blobs/sha256", "manifests/sha256", "incoming"] {

@@ -58,6 +58,7 @@ fn main() {
                     sampling: Sampling { temperature: 0.0, ..Sampling::default() },
                     grammar: None,
                     ignore_eos: false,
+                    special: false,
                 }) {
                     Ok(r) => r,
                     Err(e) => return format!("{i}: {e}"),

@@ -131,8 +131,11 @@ def check_schema():
     value = json.loads(r.choices[0].message.content)
     jsonschema.validate(value, schema)
     r = client.chat.completions.create(
-        model=model, max_tokens=64, temperature=0, messages=[{"role": "user", "content": "Give me a JSON object."}],
+        model=model, max_tokens=256, temperature=0,
+        messages=[{"role": "user", "content": "Give me a JSON object with one key, \"color\", and its value."}],
         response_format={"type": "json_object"})
+    if r.choices[0].finish_reason != "stop":
+        fail(f"json_object ran out of tokens: {r.choices[0].message.content!r}")
     if not isinstance(json.loads(r.choices[0].message.content), dict):
         fail("json_object did not give an object")
     print(json.dumps({"schema": value}))

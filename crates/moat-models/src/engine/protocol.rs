@@ -90,6 +90,10 @@ pub struct Generate {
     /// Keep generating past end-of-generation tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Write special tokens as text: tool-call markers such as Llama's
+    /// `<|python_tag|>` and Mistral's `[TOOL_CALLS]` are special tokens.
+    #[serde(default)]
+    pub special: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -185,6 +189,9 @@ pub enum FromWorker {
         prompt_tokens: u32,
         completion_tokens: u32,
         timings: Timings,
+        /// The stop string that ended it, if one did.
+        #[serde(default)]
+        stop_word: Option<String>,
     },
     /// The request failed; `status` is the HTTP status it deserves.
     Failed {
@@ -247,6 +254,7 @@ mod tests {
             sampling: Sampling::default(),
             grammar: None,
             ignore_eos: false,
+            special: false,
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &msg).unwrap();

@@ -103,7 +103,7 @@ pub struct Worker {
     pub model: ModelToLoad,
     pub loaded: Loaded,
     pub memory: u64,
-    keep_alive: Option<Duration>,
+    keep_alive: Mutex<Option<Duration>>,
     pid: u32,
     to_worker: Mutex<BufWriter<UnixStream>>,
     pending: Mutex<HashMap<u64, UnboundedSender<FromWorker>>>,
@@ -142,12 +142,21 @@ impl Runner {
         model: &ModelToLoad,
         keep_alive: Option<Option<Duration>>,
     ) -> Result<Arc<Worker>, EngineError> {
+        // A request's keep-alive (Ollama's, DMR's) applies to a model that
+        // is already loaded too, from this request on.
+        let keep = |w: &Worker| {
+            if let Some(k) = keep_alive {
+                *lock(&w.keep_alive) = k;
+            }
+        };
         if let Some(w) = self.running(&model.id) {
+            keep(&w);
             w.touch();
             return Ok(w);
         }
         let _loading = lock(&self.loading);
         if let Some(w) = self.running(&model.id) {
+            keep(&w);
             return Ok(w);
         }
         let context = self.context_for(model);
@@ -222,11 +231,7 @@ impl Runner {
         memory: u64,
         keep_alive: Option<Duration>,
     ) -> Result<Arc<Worker>, EngineError> {
-        let gguf = model
-            .gguf
-            .first()
-            .ok_or_else(|| EngineError::Load(format!("{} has no GGUF file", model.name)))?
-            .clone();
+        let gguf = self.first_shard(model)?;
         let (ours, theirs) = UnixStream::pair().map_err(|e| EngineError::io("a socket pair", e))?;
         std::fs::create_dir_all(&self.config.log_dir)
             .map_err(|e| EngineError::io("the model log directory", e))?;
@@ -289,7 +294,7 @@ impl Runner {
             model: model.clone(),
             loaded,
             memory,
-            keep_alive,
+            keep_alive: Mutex::new(keep_alive),
             pid,
             to_worker: Mutex::new(writer),
             pending: Mutex::new(HashMap::new()),
@@ -302,6 +307,34 @@ impl Runner {
         let w = worker.clone();
         std::thread::spawn(move || w.route_events(reader));
         Ok(worker)
+    }
+
+    /// The file llama.cpp opens. A split model's blobs are named by their
+    /// digests, but llama.cpp finds the shards after the first by the
+    /// split naming scheme (`PREFIX-00002-of-00003.gguf`), so they are
+    /// linked under such names, side by side.
+    fn first_shard(&self, model: &ModelToLoad) -> Result<PathBuf, EngineError> {
+        match model.gguf.as_slice() {
+            [] => Err(EngineError::Load(format!(
+                "{} has no GGUF file",
+                model.name
+            ))),
+            [one] => Ok(one.clone()),
+            shards => {
+                let id: String = model.id.chars().filter(char::is_ascii_hexdigit).collect();
+                let dir = self.config.log_dir.join("shards").join(id);
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| EngineError::io("the shard folder", e))?;
+                let n = shards.len();
+                for (i, blob) in shards.iter().enumerate() {
+                    let link = dir.join(format!("model-{:05}-of-{n:05}.gguf", i + 1));
+                    std::os::unix::fs::symlink(blob, &link)
+                        .map_err(|e| EngineError::io(format!("link {}", link.display()), e))?;
+                }
+                Ok(dir.join(format!("model-00001-of-{n:05}.gguf")))
+            }
+        }
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
@@ -333,7 +366,7 @@ impl Runner {
                 memory: w.memory,
                 in_flight: lock(&w.pending).len(),
                 last_used: lock(&w.last_used).1,
-                keep_alive: w.keep_alive,
+                keep_alive: *lock(&w.keep_alive),
                 load_ms: w.loaded.load_ms,
             })
             .collect();
@@ -421,32 +454,27 @@ impl Worker {
     /// Read the worker's events and hand each to its request; when the
     /// worker dies, fail every request it had and forget it.
     fn route_events(self: Arc<Self>, mut reader: UnixStream) {
-        loop {
-            match read_frame::<FromWorker>(&mut reader) {
-                Ok(Some(ev)) => {
-                    let (id, last) = match &ev {
-                        FromWorker::Piece { id, .. } => (*id, false),
-                        FromWorker::Done { id, .. }
-                        | FromWorker::Failed { id, .. }
-                        | FromWorker::Tokens { id, .. }
-                        | FromWorker::Embeddings { id, .. } => (*id, true),
-                        FromWorker::Loaded(_) | FromWorker::LoadFailed { .. } => continue,
-                    };
-                    let mut pending = lock(&self.pending);
-                    let tx = if last {
-                        pending.remove(&id)
-                    } else {
-                        pending.get(&id).cloned()
-                    };
-                    drop(pending);
-                    if last {
-                        self.touch();
-                    }
-                    if let Some(tx) = tx {
-                        let _ = tx.send(ev);
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        while let Ok(Some(ev)) = read_frame::<FromWorker>(&mut reader) {
+            let (id, last) = match &ev {
+                FromWorker::Piece { id, .. } => (*id, false),
+                FromWorker::Done { id, .. }
+                | FromWorker::Failed { id, .. }
+                | FromWorker::Tokens { id, .. }
+                | FromWorker::Embeddings { id, .. } => (*id, true),
+                FromWorker::Loaded(_) | FromWorker::LoadFailed { .. } => continue,
+            };
+            let mut pending = lock(&self.pending);
+            let tx = if last {
+                pending.remove(&id)
+            } else {
+                pending.get(&id).cloned()
+            };
+            drop(pending);
+            if last {
+                self.touch();
+            }
+            if let Some(tx) = tx {
+                let _ = tx.send(ev);
             }
         }
         self.dead.store(true, Ordering::SeqCst);
@@ -572,7 +600,7 @@ fn reap_idle(runner: Weak<Runner>) {
         let Some(r) = runner.upgrade() else { return };
         let idle: Vec<Arc<Worker>> = lock(&r.workers)
             .values()
-            .filter(|w| match (w.keep_alive, w.idle_for()) {
+            .filter(|w| match (*lock(&w.keep_alive), w.idle_for()) {
                 (Some(keep), Some(idle)) => idle >= keep,
                 _ => false,
             })

@@ -8,8 +8,9 @@
 pub enum Step {
     /// Text that is safe to send now (possibly empty).
     Emit(String),
-    /// A stop string appeared: send this text, then finish.
-    Stop(String),
+    /// A stop string appeared: send this text, then finish. The second
+    /// field is the stop string that matched.
+    Stop(String, String),
 }
 
 #[derive(Debug, Default)]
@@ -33,10 +34,10 @@ impl TextOut {
         self.raw.extend_from_slice(piece);
         let decoded = take_utf8(&mut self.raw);
         self.held.push_str(&decoded);
-        if let Some(at) = self.earliest_stop() {
+        if let Some((at, word)) = self.earliest_stop() {
             let text = self.held[..at].to_string();
             self.held.clear();
-            return Step::Stop(text);
+            return Step::Stop(text, word);
         }
         let keep = self.partial_stop_len();
         let cut = self.held.len() - keep;
@@ -52,10 +53,10 @@ impl TextOut {
         out
     }
 
-    fn earliest_stop(&self) -> Option<usize> {
+    fn earliest_stop(&self) -> Option<(usize, String)> {
         self.stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s.clone())))
             .min()
     }
 
@@ -126,7 +127,7 @@ mod tests {
         let mut t = TextOut::new(vec!["<end>".into()]);
         assert_eq!(t.push(b"hello <e"), Step::Emit("hello ".into()));
         assert_eq!(t.push(b"n"), Step::Emit(String::new()));
-        assert_eq!(t.push(b"d> more"), Step::Stop("".into()));
+        assert_eq!(t.push(b"d> more"), Step::Stop("".into(), "<end>".into()));
     }
 
     #[test]
@@ -141,6 +142,6 @@ mod tests {
     #[test]
     fn the_earliest_of_several_stops_wins() {
         let mut t = TextOut::new(vec!["END".into(), "\n\n".into()]);
-        assert_eq!(t.push(b"x\n\ny END"), Step::Stop("x".into()));
+        assert_eq!(t.push(b"x\n\ny END"), Step::Stop("x".into(), "\n\n".into()));
     }
 }

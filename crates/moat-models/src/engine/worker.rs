@@ -39,10 +39,9 @@ pub const ROLE: &str = "__model-worker";
 
 /// Entry point of the worker role; returns the process exit code.
 pub fn worker_main() -> i32 {
-    // If the daemon dies, so does its worker (the socket's end would tell us
-    // too, but only between steps).
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a plain signal number.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // No PR_SET_PDEATHSIG: it fires when the *thread* that started the
+    // worker ends, and the runner starts workers from pooled threads. The
+    // end of the socket tells the worker that the runner is gone instead.
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => UnixStream::from(fd),
         Err(e) => {
@@ -152,7 +151,9 @@ struct Active {
     generated: u32,
     max_tokens: u32,
     ignore_eos: bool,
+    special: bool,
     text: TextOut,
+    stop_word: Option<String>,
     /// The token sampled last, to be decoded in the next step.
     next: Option<LlamaToken>,
     /// Where this slot's logits are in the batch being decoded.
@@ -251,7 +252,11 @@ impl<'m> Scheduler<'m> {
         loop {
             let busy = self.slots.iter().any(|s| s.active.is_some());
             let msg = if busy {
-                rx.try_recv().ok()
+                match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                }
             } else {
                 match rx.recv() {
                     Ok(m) => Some(m),
@@ -383,7 +388,9 @@ impl<'m> Scheduler<'m> {
                 sampler,
                 generated: 0,
                 ignore_eos: g.ignore_eos,
+                special: g.special,
                 text: TextOut::new(g.stop),
+                stop_word: None,
                 next: None,
                 logits_at: None,
                 started: Instant::now(),
@@ -536,12 +543,13 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             a.generated += 1;
-            let piece = vocab.token_to_piece(tok, false, None);
+            let piece = vocab.token_to_piece(tok, a.special, None);
             match a.text.push(&piece) {
-                Step::Stop(text) => {
+                Step::Stop(text, word) => {
                     if !text.is_empty() {
                         events.push(FromWorker::Piece { id: a.id, text });
                     }
+                    a.stop_word = Some(word);
                     finish(slot, Finish::Stop, events);
                     continue;
                 }
@@ -577,7 +585,7 @@ impl<'m> Scheduler<'m> {
 
     /// Mean-pooled, normalised embeddings from a second context made on
     /// first use (its cache is separate from the generating slots').
-    fn embed(&mut self, inputs: &[String]) -> Result<(Vec<Vec<f32>>, u32), (u16, String)> {
+    fn embed(&mut self, inputs: &[String]) -> Result<Embedded, (u16, String)> {
         let tokenized: Vec<Vec<LlamaToken>> =
             inputs.iter().map(|t| self.tokenize(t, true)).collect();
         if self.embed_ctx.is_none() {
@@ -634,6 +642,9 @@ impl<'m> Scheduler<'m> {
     }
 }
 
+/// Embedding vectors and the tokens they took.
+type Embedded = (Vec<Vec<f32>>, u32);
+
 fn finish(slot: &mut Slot, why: Finish, events: &mut Vec<FromWorker>) {
     let Some(mut a) = slot.active.take() else {
         return;
@@ -661,6 +672,7 @@ fn finish(slot: &mut Slot, why: Finish, events: &mut Vec<FromWorker>) {
             a.generated,
             ms(now - prompt_done),
         ),
+        stop_word: a.stop_word,
     });
 }
 

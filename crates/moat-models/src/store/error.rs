@@ -38,7 +38,8 @@ pub enum StoreError {
     #[error("blob {digest} is missing from the model store; `moat model rm -f` the model and pull or package it again")]
     MissingBlob { digest: String },
 
-    /// A registry transfer failed (the message says why and what to do).
+    /// A registry transfer, or a file operation of the helpers shared with
+    /// the image store, failed (the message says why and what to do).
     #[error(transparent)]
     Registry(#[from] moat_images::ImageError),
 

@@ -1,0 +1,340 @@
+//! The model runner end to end: the real `moat` daemon serving the real
+//! SmolLM2 (and Gemma 3) through llama.cpp, driven by the official OpenAI
+//! SDK, by `curl`, and by `curl` from inside a sandbox through its door;
+//! and its faults: a worker killed mid-request, bad requests, a damaged
+//! model file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+const SMOLLM2: &str = "ai/smollm2:135M-Q4_1";
+
+/// The venv with the official SDKs (`scripts/pyenv.sh` makes it).
+fn python() -> PathBuf {
+    let path = std::env::var_os("MOAT_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+            cache.join("moat/venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "no test venv at {}: run scripts/pyenv.sh",
+        path.display()
+    );
+    path
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
+}
+
+/// An isolated daemon whose model runner listens on a port of its own,
+/// with SmolLM2 packaged.
+fn runner(name: &str) -> (u16, StopDaemon) {
+    use_isolated_roots(name);
+    let port = free_port();
+    let gguf = smollm2_gguf();
+    let out = moat_cmd()
+        .env("MOAT_MODEL_PORT", port.to_string())
+        .args([
+            "model",
+            "package",
+            "--gguf",
+            gguf.to_str().unwrap(),
+            SMOLLM2,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "package: {}", text(&out.stderr));
+    wait_for_port(port);
+    (port, StopDaemon)
+}
+
+fn openai(port: u16, checks: &[&str]) -> Output {
+    Command::new(python())
+        .arg(script("openai_client.py"))
+        .arg(format!("http://127.0.0.1:{port}/engines/llama.cpp/v1"))
+        .arg(SMOLLM2)
+        .args(checks)
+        .output()
+        .unwrap()
+}
+
+fn assert_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
+    text(&out.stdout)
+}
+
+/// `curl` with a JSON body; returns (status, body).
+fn curl(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-X", method, "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}{path}"));
+    if let Some(b) = body {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+        let out = run_with_stdin(&mut cmd, b.as_bytes());
+        return split_status(&out);
+    }
+    split_status(&cmd.output().unwrap())
+}
+
+fn split_status(out: &Output) -> (u16, String) {
+    let all = text(&out.stdout);
+    let (body, code) = all.rsplit_once('\n').unwrap_or(("", &all));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A chat request; `extra` fields are added to (or replace) the defaults.
+fn chat_body(model: &str, content: &str, extra: serde_json::Value) -> String {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    body.to_string()
+}
+
+#[test]
+fn the_openai_sdk_drives_chat_streams_tools_schemas_and_embeddings() {
+    let (port, _guard) = runner("runner-openai");
+    let out = openai(
+        port,
+        &[
+            "models",
+            "chat",
+            "stream",
+            "tools",
+            "schema",
+            "completions",
+            "embeddings",
+        ],
+    );
+    let stdout = assert_ok(&out, "the OpenAI SDK checks");
+    assert!(stdout.contains("\"tool\": \"get_weather\""), "{stdout}");
+    // The same API under the other two prefixes.
+    for prefix in ["/v1", "/engines/v1"] {
+        let (status, body) = curl(
+            port,
+            "POST",
+            &format!("{prefix}/chat/completions"),
+            Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
+        );
+        assert_eq!(status, 200, "{prefix}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty()),
+            "{body}"
+        );
+        assert!(v["timings"]["predicted_n"].as_u64().unwrap() > 0, "{body}");
+    }
+    // `moat model run` answers on the command line.
+    let answer = moat_ok(&["model", "run", SMOLLM2, "Say hello in one word."]);
+    assert!(!answer.trim().is_empty(), "moat model run printed nothing");
+    let ps = moat_ok(&["model", "ps", "--json"]);
+    let ps: serde_json::Value = serde_json::from_str(&ps).unwrap();
+    assert_eq!(ps[0]["name"], SMOLLM2, "{ps}");
+    // Prometheus metrics under llama-server's names, per model.
+    let (status, metrics) = curl(port, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(&format!(
+            "llamacpp:tokens_predicted_total{{model=\"{SMOLLM2}\"}}"
+        )),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn eight_streams_at_once_and_a_worker_killed_mid_request() {
+    let (port, _guard) = runner("runner-faults");
+    assert_ok(&openai(port, &["concurrent"]), "eight concurrent streams");
+
+    // A long generation, then the worker is killed under it.
+    let body = chat_body(
+        SMOLLM2,
+        "Tell a very long story.",
+        serde_json::json!({"max_tokens": 4000, "ignore_eos": true, "stream": true}),
+    );
+    let mut child = Command::new("curl")
+        .args([
+            "-sN",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body,
+        ])
+        .arg(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _curl = KillOnDrop(Command::new("true").spawn().unwrap());
+    // Wait for generated text, then kill the worker under the stream.
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut streamed = String::new();
+    loop {
+        let mut line = String::new();
+        use std::io::BufRead;
+        assert!(
+            lines.read_line(&mut line).unwrap() > 0,
+            "the stream ended early: {streamed}"
+        );
+        streamed.push_str(&line);
+        if line.contains(r#""delta":{"content":""#) {
+            break;
+        }
+    }
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_eq!(ps[0]["in_flight"], 1, "{ps}");
+    let pid = ps[0]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::io::Read::read_to_string(&mut lines, &mut streamed).unwrap();
+    child.wait().unwrap();
+    assert!(
+        streamed.contains("was killed by signal 9") && streamed.contains("\"code\":503"),
+        "the stream did not end with the worker's death: {}",
+        &streamed[streamed.len().saturating_sub(600)..]
+    );
+    // The runner lives on: the next request starts a new worker.
+    let (status, body) = curl(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 200, "{body}");
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_ne!(
+        ps[0]["pid"].as_i64().unwrap() as i32,
+        pid,
+        "the dead worker is still listed"
+    );
+}
+
+#[test]
+fn bad_requests_get_a_status_and_a_reason() {
+    let (port, _guard) = runner("runner-bad");
+    let chat = "/engines/llama.cpp/v1/chat/completions";
+    let (status, body) = curl(
+        port,
+        "POST",
+        chat,
+        Some(&chat_body("ai/nothere:1", "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("moat model pull ai/nothere:1"), "{body}");
+    let (status, body) = curl(
+        port,
+        "POST",
+        chat,
+        Some(r#"{"model":"ai/smollm2:135M-Q4_1","messages":[],"max_tokens":"ten"}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`max_tokens`"), "{body}");
+    let (status, body) = curl(port, "POST", chat, Some("{not json"));
+    assert_eq!(status, 400, "{body}");
+    let big = format!(
+        r#"{{"model":"x","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(11 << 20)
+    );
+    let (status, _) = curl(port, "POST", chat, Some(&big));
+    assert_eq!(status, 413);
+    // A prompt over the context: both numbers in the answer.
+    moat_ok(&["model", "configure", "--context-size", "256", SMOLLM2]);
+    let long = "word ".repeat(400);
+    let (status, body) = curl(
+        port,
+        "POST",
+        chat,
+        Some(&chat_body(SMOLLM2, &long, serde_json::json!({}))),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("context size of 256"), "{body}");
+    moat_ok(&["model", "configure", "--context-size", "2048", SMOLLM2]);
+    let (status, body) = curl(
+        port,
+        "POST",
+        chat,
+        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // A model file damaged in the store is refused by the header check
+    // before llama.cpp opens it; the other models keep being served. (A
+    // copy with a few bytes more is a GGUF of its own blob.)
+    let mut bytes = std::fs::read(smollm2_gguf()).unwrap();
+    let whole = bytes.len() as u64 + 7;
+    bytes.extend_from_slice(b"padding");
+    let copy = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("runner-bad-copy.gguf");
+    std::fs::write(&copy, &bytes).unwrap();
+    moat_ok(&[
+        "model",
+        "package",
+        "--gguf",
+        copy.to_str().unwrap(),
+        "ai/broken:1",
+    ]);
+    let (state, _) = roots();
+    let blob = find_blob(&state, whole).expect("the copy's blob");
+    let f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+    f.set_len(whole / 2).unwrap();
+    let (status, body) = curl(
+        port,
+        "POST",
+        chat,
+        Some(&chat_body("ai/broken:1", "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("moat model rm"), "{body}");
+    let (status, body) = curl(
+        port,
+        "POST",
+        chat,
+        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The store's blob of `len` bytes.
+fn find_blob(state: &std::path::Path, len: u64) -> Option<PathBuf> {
+    let dir = state.join("models/blobs/sha256");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len() == len)
+                .unwrap_or(false)
+        })
+}
