@@ -4,15 +4,20 @@
 #   uidmap      newuidmap/newgidmap, for rootless sandboxes
 # and, for the tests and benchmarks: bubblewrap (the speed peer), tmux (terminal tests),
 # docker-registry (a real OCI registry), skopeo (a second OCI implementation and the
-# registry peer), apache2-utils (htpasswd, for a registry behind basic auth).
+# registry peer), apache2-utils (htpasswd, for a registry behind basic auth);
+# and, to build llama.cpp (the model runner's engine, through llama-cpp-sys-2):
+# cmake, clang and libclang-dev (bindgen).
 # Installs only what is missing, so a second run costs nothing.
 set -euo pipefail
 need=()
 for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl openssl:openssl \
-    docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils; do
+    docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils \
+    cmake:cmake clang:clang c++:g++ python3:python3; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# bindgen needs libclang itself, which no command stands for.
+dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q 'ok installed' || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "moat: installing ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

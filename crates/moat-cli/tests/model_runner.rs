@@ -206,7 +206,8 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
             "the stream ended early: {streamed}"
         );
         streamed.push_str(&line);
-        if line.contains(r#""delta":{"content":""#) {
+        // A content delta with text (the first chunk has an empty one).
+        if line.contains(r#""delta":{"content":""#) && !line.contains(r#""content":"""#) {
             break;
         }
     }
@@ -337,4 +338,61 @@ fn find_blob(state: &std::path::Path, len: u64) -> Option<PathBuf> {
                 .map(|m| m.len() == len)
                 .unwrap_or(false)
         })
+}
+
+#[test]
+fn a_sandbox_reaches_the_runner_through_its_door_but_cannot_manage_it() {
+    // The shared test daemon: its sandboxes' doors use the default port,
+    // which inside each sandbox's own network namespace is always free.
+    let gguf = smollm2_gguf();
+    moat_ok(&[
+        "model",
+        "package",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        SMOLLM2,
+    ]);
+    let sb = Sandbox::new("modeldoor");
+    let body = chat_body(SMOLLM2, "Say hi.", serde_json::json!({}));
+    std::fs::write(sb.ws().join("chat.json"), &body).unwrap();
+    let out = sb.sh(&format!(
+        "curl -s -w '\\n%{{http_code}}' -d @{}/chat.json http://127.0.0.1:12434/engines/llama.cpp/v1/chat/completions",
+        sb.ws().display()
+    ));
+    let (status, answer) = split_status(&out);
+    assert_eq!(status, 200, "{answer} {}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty()),
+        "{answer}"
+    );
+    // The name Docker's sandboxes use reaches the same door.
+    let out = sb.sh("curl -s -o /dev/null -w '%{http_code}' http://model-runner.docker.internal:12434/engines/v1/models");
+    assert_eq!(text(&out.stdout), "200", "{}", text(&out.stderr));
+    // Managing models is the host's business: no pulls (the host would
+    // fetch what the sandbox's policy forbids), no deletes, no unloads.
+    for (method, path, data) in [
+        ("POST", "/models/create", r#"{"from":"evil.example/x:1"}"#),
+        ("DELETE", &*format!("/models/{SMOLLM2}"), ""),
+        ("POST", "/api/pull", r#"{"model":"evil.example/x:1"}"#),
+        ("POST", "/engines/unload", r#"{"all":true}"#),
+        (
+            "POST",
+            "/engines/_configure",
+            r#"{"model":"ai/smollm2:135M-Q4_1","context-size":512}"#,
+        ),
+    ] {
+        let out = sb.sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' -X {method} -d '{data}' http://127.0.0.1:12434{path}"
+        ));
+        assert_eq!(
+            text(&out.stdout),
+            "403",
+            "{method} {path} from inside a sandbox"
+        );
+    }
+    let listed = moat_ok(&["model", "ls", "-q"]);
+    assert!(!listed.trim().is_empty(), "the model is gone");
 }

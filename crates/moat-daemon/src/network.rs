@@ -30,8 +30,12 @@ pub fn sandbox_env(key_vars: &[String]) -> Vec<String> {
     for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
         env.push(format!("{key}={proxy}"));
     }
+    // The model runner's name resolves to the sandbox's own loopback (its
+    // door), so it is reached directly, not through the gateway.
     for key in ["NO_PROXY", "no_proxy"] {
-        env.push(format!("{key}=localhost,127.0.0.1,::1"));
+        env.push(format!(
+            "{key}=localhost,127.0.0.1,::1,model-runner.docker.internal"
+        ));
     }
     env.push(format!("SSL_CERT_FILE={CA_BUNDLE_INSIDE}"));
     env.push(format!("REQUESTS_CA_BUNDLE={CA_BUNDLE_INSIDE}"));
