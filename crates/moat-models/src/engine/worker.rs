@@ -250,7 +250,7 @@ impl<'m> Scheduler<'m> {
     ) -> Result<(), String> {
         let mut events = Vec::new();
         loop {
-            let busy = self.slots.iter().any(|s| s.active.is_some());
+            let busy = !self.queue.is_empty() || self.slots.iter().any(|s| s.active.is_some());
             let msg = if busy {
                 match rx.try_recv() {
                     Ok(m) => Some(m),
