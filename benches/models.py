@@ -347,8 +347,12 @@ class Prompts:
         finally:
             conn.close()
 
-    def exact(self, seed, n):
-        head = f"Note {seed}: "
+    FIRST = ("Alpha Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliet Kilo Lima Mike November Oscar Papa "
+             "Quebec Romeo Sierra Tango Uniform Victor Whiskey Xray Yankee Zulu").split()
+
+    def exact(self, i, seed, n):
+        # each prompt's first word starts with another letter: no two share even their first token
+        head = self.FIRST[i % len(self.FIRST)] + (str(i // len(self.FIRST)) if i >= len(self.FIRST) else "") + ": "
         lo, hi = 1, n  # words: never fewer than one token each
         best = None
         while lo <= hi:
@@ -634,7 +638,7 @@ def run_model(key, path, binary, tmp):
             peer = start_peer(key, path, binary, tmp, results["peer"])
             servers.append(peer)
             ctx = {"key": key, "salt": f"{random.randrange(1 << 32):08x}",
-                   "prompts": [Prompts(peer).exact(f"{key}-{i}-{random.randrange(1 << 32):x}", 512)
+                   "prompts": [Prompts(peer).exact(i, f"{key}-{i}-{random.randrange(1 << 32):x}", 512)
                                for i in range(args.runs)]}
             print(f"  512-token prompts: {[n for _, n in ctx['prompts']]} tokens (peer's /tokenize)")
         except Unmeasured as e:
@@ -687,6 +691,9 @@ def table(key, peer, moat):
 
 
 def main():
+    # A SIGTERM unwinds like Ctrl-C, through the `finally`s that stop the servers (they run in their
+    # own sessions, so nothing else would end them).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("benches/models.py: terminated"))
     if args.llama_server:
         binary = args.llama_server
     else:

@@ -396,3 +396,81 @@ fn a_sandbox_reaches_the_runner_through_its_door_but_cannot_manage_it() {
     let listed = moat_ok(&["model", "ls", "-q"]);
     assert!(!listed.trim().is_empty(), "the model is gone");
 }
+
+/// The real Gemma 3 270M GGUF (`$MOAT_TEST_GEMMA3`, else where
+/// `scripts/models.sh` puts it).
+fn gemma3_gguf() -> PathBuf {
+    let path = std::env::var_os("MOAT_TEST_GEMMA3")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+            cache.join("moat/models/gemma3/gemma-3-270m-q4_k_m.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "no Gemma 3 GGUF at {}: run scripts/models.sh",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn two_models_are_served_at_once_and_unloaded_on_request() {
+    let (port, _guard) = runner("runner-two");
+    let gemma = gemma3_gguf();
+    moat_ok(&[
+        "model",
+        "package",
+        "--gguf",
+        gemma.to_str().unwrap(),
+        "ai/gemma3:270M-Q4_K_M",
+    ]);
+    let models = [SMOLLM2, "ai/gemma3:270M-Q4_K_M"];
+    let answers: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let body = chat_body(m, "The sky is", serde_json::json!({"max_tokens": 8}));
+            std::thread::spawn(move || curl(port, "POST", "/v1/chat/completions", Some(&body)))
+        })
+        .collect();
+    for (model, answer) in models.iter().zip(answers) {
+        let (status, body) = answer.join().unwrap();
+        assert_eq!(status, 200, "{model}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["model"], *model, "{body}");
+        assert!(
+            v["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+            "{body}"
+        );
+    }
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let mut names: Vec<&str> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ai/gemma3:270M-Q4_K_M", SMOLLM2]);
+    let pid_of = |name: &str| {
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()["pid"]
+            .as_i64()
+            .unwrap()
+    };
+    let (smol_pid, gemma_pid) = (pid_of(SMOLLM2), pid_of("ai/gemma3:270M-Q4_K_M"));
+    assert_ne!(smol_pid, gemma_pid, "each model has its own worker");
+    moat_ok(&["model", "unload", "ai/gemma3:270M-Q4_K_M"]);
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
+    assert_eq!(ps[0]["name"], SMOLLM2);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{gemma_pid}")).exists(),
+        "the unloaded worker still runs"
+    );
+}
