@@ -206,8 +206,13 @@ impl ModelService {
         tokio::task::spawn_blocking(move || {
             let model = svc.find(&name)?;
             let settings = svc.settings_of(&model.id);
-            let to_load = to_load(&model, &name, &settings)?;
             let keep_alive = keep_alive.or_else(|| settings.keep_alive.map(keep_alive_from_secs));
+            // The header is read (and checked) only to start a worker: a
+            // running model answers without it, which matters to every turn.
+            if let Some(worker) = svc.runner.running_worker(&model.id, keep_alive) {
+                return Ok((worker, model));
+            }
+            let to_load = to_load(&model, &name, &settings)?;
             let worker = svc
                 .runner
                 .worker(&to_load, keep_alive)

@@ -172,6 +172,21 @@ impl Runner {
         Ok(worker)
     }
 
+    /// The live worker of model `id`, if it runs; a request's keep-alive,
+    /// when given, applies to it from now on.
+    pub fn running_worker(
+        &self,
+        id: &str,
+        keep_alive: Option<Option<Duration>>,
+    ) -> Option<Arc<Worker>> {
+        let w = self.running(id)?;
+        if let Some(k) = keep_alive {
+            *lock(&w.keep_alive) = k;
+        }
+        w.touch();
+        Some(w)
+    }
+
     fn running(&self, id: &str) -> Option<Arc<Worker>> {
         lock(&self.workers)
             .get(id)
