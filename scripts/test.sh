@@ -18,5 +18,7 @@ fi
 # runner's tests use, cached under ~/.cache/moat.
 scripts/models.sh >/dev/null
 scripts/pyenv.sh >/dev/null
+# Node.js 26, whose fetch the gateway's tests drive inside a sandbox.
+scripts/node.sh >/dev/null
 cargo build --workspace --all-targets
 cargo nextest run --workspace --no-fail-fast "$@"

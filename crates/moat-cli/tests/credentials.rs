@@ -215,6 +215,36 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
     let out = sb.sh("python3 -c \"import urllib.request as u;print(u.urlopen(u.Request('https://api.anthropic.com/v1/x', headers={'x-api-key':'proxy-managed'})).status)\"");
     assert_eq!(text(&out.stdout), "200\n", "{}", text(&out.stderr));
 
+    // Python's requests, and Node's fetch with NODE_USE_ENV_PROXY=1 (Node
+    // 26 from the workspace): each trusts the sandbox's CA through the
+    // variable it reads, sends the placeholder, and sees only the placeholder.
+    let node = sb.ws().join("node");
+    std::fs::copy(node_binary(), &node).unwrap();
+    let out = sb.sh(&format!(
+        "python3 -c \"import requests;r=requests.post('https://api.anthropic.com/v1/requests',headers={{'x-api-key':'proxy-managed'}},data='{{}}');print(r.status_code,'proxy-managed' in r.text,'{KEY}' in r.text)\"; \
+         NODE_USE_ENV_PROXY=1 {} -e \"fetch('https://api.anthropic.com/v1/fetch',{{method:'POST',headers:{{'x-api-key':'proxy-managed'}},body:'{{}}'}}).then(async r=>{{const t=await r.text();console.log(r.status,t.includes('proxy-managed'),t.includes('{KEY}'))}})\"",
+        node.display()
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "200 True False\n200 true false\n",
+        "{}",
+        text(&out.stderr)
+    );
+    for path in ["/v1/requests", "/v1/fetch"] {
+        let seen = up
+            .seen()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["path"] == path);
+        assert_eq!(
+            seen.map(|v| v["headers"]["x-api-key"].clone()),
+            Some(serde_json::json!(KEY)),
+            "{path} reached the upstream with the key"
+        );
+    }
+    std::fs::remove_file(&node).unwrap();
+
     // git over HTTPS gets the token as basic auth (the echo server is no git server, so git fails after).
     let _ = sb.sh("git ls-remote https://github.com/moat/test.git >/dev/null 2>&1");
     let git = up

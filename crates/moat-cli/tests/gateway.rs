@@ -188,3 +188,64 @@ fn no_spelling_of_a_blocked_address_gets_through_the_proxy() {
     }
     assert_eq!(report.lines().count(), spellings.len() * 2 + 6, "{report}");
 }
+
+#[test]
+fn a_slow_client_is_cut_off_and_the_gateway_serves_on() {
+    use_isolated_roots("gateway-slow");
+    stop_daemon();
+    let _stop = StopDaemon;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "[gateway]\nheader_timeout = \"2s\"\n").unwrap();
+    let started = moat_cmd()
+        .env("MOAT_CONFIG", config.path())
+        .args(["image", "ls"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let sb = Sandbox::new("slow");
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("hello.txt"), "hello\n").unwrap();
+    let (port, _server) = http_server(site.path());
+    sb.network_proxy(&["--allow-host", &format!("localhost:{port}")]);
+
+    // Half a request head, then nothing; and a connection that never speaks.
+    // Each is closed after the timeout, not held open.
+    let out = python_in_sandbox(
+        &sb,
+        r#"
+import socket, time
+def held(first):
+    s = socket.create_connection(("127.0.0.1", 3128))
+    s.settimeout(20)
+    t = time.monotonic()
+    if first:
+        s.sendall(first)
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+    return time.monotonic() - t
+half = held(b"GET http://host.docker.internal/ HTTP/1.1\r\nHost: host.docker.internal\r\n")
+silent = held(b"")
+print(f"{half:.1f} {silent:.1f}")
+"#,
+        false,
+    );
+    let times: Vec<f64> = text(&out.stdout)
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(times.len(), 2, "{}", text(&out.stderr));
+    for t in &times {
+        assert!(
+            (1.5..10.0).contains(t),
+            "a slow client was held {t} s with a 2 s timeout: {times:?}"
+        );
+    }
+    // The gateway serves the next client as before.
+    let out = sb.sh(&format!(
+        "curl -s http://host.docker.internal:{port}/hello.txt"
+    ));
+    assert_eq!(text(&out.stdout), "hello\n", "{}", text(&out.stderr));
+}

@@ -153,12 +153,18 @@ fn the_openai_sdk_drives_chat_streams_tools_schemas_and_embeddings() {
     );
 }
 
-#[test]
-fn eight_streams_at_once_and_a_worker_killed_mid_request() {
-    let (port, _guard) = runner("runner-faults");
-    assert_ok(&openai(port, &["concurrent"]), "eight concurrent streams");
-
-    // A long generation, then the worker is killed under it.
+/// A streamed generation of 4000 tokens by `curl`, read until its first
+/// text: the process, the rest of its output, and what was read.
+// The caller waits for the process; a failed test leaves it to end alone.
+#[allow(clippy::zombie_processes)]
+fn long_stream(
+    port: u16,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
     let body = chat_body(
         SMOLLM2,
         "Tell a very long story.",
@@ -176,13 +182,10 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let _curl = KillOnDrop(Command::new("true").spawn().unwrap());
-    // Wait for generated text, then kill the worker under the stream.
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut streamed = String::new();
     loop {
         let mut line = String::new();
-        use std::io::BufRead;
         assert!(
             lines.read_line(&mut line).unwrap() > 0,
             "the stream ended early: {streamed}"
@@ -190,9 +193,67 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
         streamed.push_str(&line);
         // A content delta with text (the first chunk has an empty one).
         if line.contains(r#""delta":{"content":""#) && !line.contains(r#""content":"""#) {
-            break;
+            return (child, lines, streamed);
         }
     }
+}
+
+/// CPU seconds `pid` (all its threads) used so far.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name (in parentheses): fields 14 and 15 are utime
+    // and stime, in clock ticks.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn cpu_over(pid: i32, span: std::time::Duration) -> f64 {
+    let before = cpu_seconds(pid);
+    std::thread::sleep(span);
+    cpu_seconds(pid) - before
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_slot_at_once() {
+    let (port, _guard) = runner("runner-disconnect");
+    let (mut child, lines, _) = long_stream(port);
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let pid = ps[0]["pid"].as_i64().unwrap() as i32;
+    let second = std::time::Duration::from_secs(1);
+    let busy = cpu_over(pid, second);
+    assert!(busy > 0.5, "the worker is generating: {busy} CPU s in 1 s");
+
+    // The client goes away mid-stream.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(lines);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_eq!(ps[0]["in_flight"], 0, "{ps}");
+    let idle = cpu_over(pid, second);
+    assert!(
+        idle < 0.1,
+        "the worker still generates for nobody: {idle} CPU s in 1 s (was {busy})"
+    );
+    // The slot serves the next request.
+    let (status, body) = curl(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn eight_streams_at_once_and_a_worker_killed_mid_request() {
+    let (port, _guard) = runner("runner-faults");
+    assert_ok(&openai(port, &["concurrent"]), "eight concurrent streams");
+
+    // A long generation, then the worker is killed under it.
+    let (mut child, mut lines, mut streamed) = long_stream(port);
     let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
     assert_eq!(ps[0]["in_flight"], 1, "{ps}");
     let pid = ps[0]["pid"].as_i64().unwrap() as i32;
@@ -436,4 +497,78 @@ fn two_models_are_served_at_once_and_unloaded_on_request() {
         !std::path::Path::new(&format!("/proc/{gemma_pid}")).exists(),
         "the unloaded worker still runs"
     );
+}
+
+#[test]
+fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
+    let (port, _guard) = runner("runner-budget");
+    let gemma = gemma3_gguf();
+    const GEMMA: &str = "ai/gemma3:270M-Q4_K_M";
+    moat_ok(&["model", "package", "--gguf", gemma.to_str().unwrap(), GEMMA]);
+    // What each takes when loaded, as the runner reckons it.
+    let mut memory = std::collections::HashMap::new();
+    for model in [SMOLLM2, GEMMA] {
+        let body = chat_body(model, "Hi", serde_json::json!({"max_tokens": 1}));
+        let (status, answer) = curl(port, "POST", "/v1/chat/completions", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+        let ps: serde_json::Value =
+            serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+        let loaded = ps.as_array().unwrap().iter().find(|m| m["name"] == model);
+        memory.insert(model, loaded.unwrap()["memory"].as_u64().unwrap());
+    }
+    // A daemon whose budget holds either model, not both.
+    let (smol, gem) = (memory[SMOLLM2], memory[GEMMA]);
+    let budget = smol.max(gem) + smol.min(gem) / 2;
+    stop_daemon();
+    let config = roots().0.join("budget.toml");
+    std::fs::write(
+        &config,
+        format!("[models]\nmemory_budget = \"{}k\"\n", budget / 1024),
+    )
+    .unwrap();
+    let out = moat_cmd()
+        .env("MOAT_CONFIG", &config)
+        .env("MOAT_MODEL_PORT", port.to_string())
+        .args(["model", "ls", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for_port(port);
+
+    // SmolLM2 busy: Gemma does not fit, and is refused before it loads.
+    let (mut child, lines, _) = long_stream(port);
+    let body = chat_body(GEMMA, "Hi", serde_json::json!({"max_tokens": 1}));
+    let (status, answer) = curl(port, "POST", "/v1/chat/completions", Some(&body));
+    assert_eq!(status, 503, "{answer}");
+    let message = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mib = |bytes: u64| format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64);
+    for part in [
+        format!("{GEMMA} needs about {}", mib(gem)),
+        format!("memory budget of {}", mib(budget / 1024 * 1024)),
+        format!("loaded and busy: {SMOLLM2}"),
+        "moat model unload".to_string(),
+    ] {
+        assert!(message.contains(&part), "{part:?} is not in: {message}");
+    }
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
+
+    // SmolLM2 idle: it is unloaded to make room.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(lines);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (status, answer) = curl(port, "POST", "/v1/chat/completions", Some(&body));
+    assert_eq!(status, 200, "{answer}");
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let names: Vec<&str> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [GEMMA]);
 }

@@ -39,6 +39,8 @@ pub struct GatewayConfig {
     pub extra_ca_certs: Vec<String>,
     /// Services whose keys the gateway puts in, beyond the built-in ones.
     pub services: Vec<moat_gateway::credentials::Service>,
+    /// How long a client may take to send a request's head ("30s").
+    pub header_timeout: String,
 }
 
 impl Default for GatewayConfig {
@@ -48,6 +50,7 @@ impl Default for GatewayConfig {
             hosts: Default::default(),
             extra_ca_certs: vec![],
             services: vec![],
+            header_timeout: "30s".into(),
         }
     }
 }
@@ -56,6 +59,16 @@ impl Default for GatewayConfig {
 pub type StaticNames = std::collections::HashMap<String, (std::net::IpAddr, Option<u16>)>;
 
 impl GatewayConfig {
+    /// `header_timeout`, parsed.
+    pub fn header_timeout(&self) -> Result<std::time::Duration, DaemonError> {
+        humantime::parse_duration(self.header_timeout.trim()).map_err(|e| {
+            DaemonError::Config(format!(
+                "gateway.header_timeout: {:?} is not a duration ({e}); write e.g. 30s",
+                self.header_timeout
+            ))
+        })
+    }
+
     /// The static name map, parsed.
     pub fn static_names(&self) -> Result<StaticNames, DaemonError> {
         let mut out = StaticNames::new();
@@ -228,6 +241,7 @@ impl Config {
                 .extend(v.split(':').filter(|p| !p.is_empty()).map(String::from));
         }
         self.gateway.static_names()?;
+        self.gateway.header_timeout()?;
         moat_gateway::Policy::preset(&self.gateway.default_policy)
             .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
         if let Some(v) = get("MOAT_INSECURE_REGISTRIES") {

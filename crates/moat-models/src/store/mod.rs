@@ -18,6 +18,7 @@
 
 mod config;
 mod error;
+mod huggingface;
 mod index;
 mod reference;
 mod registry;
@@ -30,6 +31,7 @@ pub use config::{
     MEDIA_MODEL_CONFIG,
 };
 pub use error::StoreError;
+pub use huggingface::{HubConfig, HubReference};
 pub use moat_images::registry::{PushSummary, RegistryOptions, Transfer};
 pub use reference::{ModelReference, DEFAULT_NAMESPACE, DEFAULT_REGISTRY};
 
@@ -290,9 +292,40 @@ impl ModelStore {
                 "no GGUF file to package; give one with --gguf FILE".into(),
             ));
         }
-        let mut weights = Vec::new();
+        let mut staged_weights = Vec::new();
         for source in ggufs {
-            let staged = self.stage(source, progress)?;
+            staged_weights.push(self.stage(source, progress)?);
+        }
+        let mut licenses = Vec::new();
+        for source in opts.licenses {
+            licenses.push(self.stage(source, progress)?);
+        }
+        let template = match opts.chat_template {
+            Some(source) => Some(self.stage(source, progress)?),
+            None => None,
+        };
+        self.package_staged(
+            staged_weights,
+            licenses,
+            template,
+            opts.context_size,
+            &target,
+        )
+    }
+
+    /// Checks staged GGUF files (and licenses and a template) and commits
+    /// them as one model named `target`: the part of packaging after the
+    /// bytes are in `incoming/`, shared by `package` and Hugging Face pulls.
+    fn package_staged(
+        &self,
+        staged_weights: Vec<Staged>,
+        licenses: Vec<Staged>,
+        template: Option<Staged>,
+        context_size: Option<u64>,
+        target: &ModelReference,
+    ) -> Result<Model, StoreError> {
+        let mut weights = Vec::new();
+        for staged in staged_weights {
             let info = gguf::read_file(staged.file.path()).map_err(|e| StoreError::BadGguf {
                 name: staged.name.clone(),
                 reason: e.to_string(),
@@ -300,22 +333,13 @@ impl ModelStore {
             weights.push((staged, info));
         }
         let weights = order_shards(weights)?;
-        let mut licenses = Vec::new();
-        for source in opts.licenses {
-            licenses.push(self.stage(source, progress)?);
+        if let Some(template) = &template {
+            check_template(template)?;
         }
-        let template = match opts.chat_template {
-            Some(source) => {
-                let staged = self.stage(source, progress)?;
-                check_template(&staged)?;
-                Some(staged)
-            }
-            None => None,
-        };
 
         let infos: Vec<GgufInfo> = weights.iter().map(|(_, info)| info.clone()).collect();
         let weights_size = weights.iter().map(|(s, _)| s.size).sum();
-        let config = gguf_config(&infos, weights_size, opts.context_size);
+        let config = gguf_config(&infos, weights_size, context_size);
         let staged: Vec<(Staged, &str)> = weights
             .into_iter()
             .map(|(s, _)| (s, MEDIA_GGUF))

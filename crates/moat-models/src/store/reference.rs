@@ -26,7 +26,13 @@ pub struct ModelReference {
 
 impl ModelReference {
     pub fn parse(s: &str) -> Result<ModelReference, StoreError> {
-        let mut inner = Reference::parse(s).map_err(|e| match e {
+        // Hugging Face names keep their case and may say huggingface.co;
+        // they are stored as the Hub pull names them.
+        let hub_tag = match super::HubReference::parse(s) {
+            Some(hub) => Some(hub?.tag()),
+            None => None,
+        };
+        let mut inner = Reference::parse(hub_tag.as_deref().unwrap_or(s)).map_err(|e| match e {
             ImageError::InvalidReference { reason, .. } => StoreError::InvalidReference {
                 reference: s.to_string(),
                 reason,

@@ -14,8 +14,8 @@ use moat_images::{ImageError, Reference};
 
 use super::config::{ConfigFile, ANNOTATION_FILEPATH, MEDIA_GGUF, MEDIA_MODEL_CONFIG_PREFIX};
 use super::{
-    read_checked, resolve, Model, ModelReference, ModelStore, PushSummary, RegistryOptions,
-    StoreError, Transfer,
+    read_checked, resolve, HubConfig, HubReference, Model, ModelReference, ModelStore, PushSummary,
+    RegistryOptions, StoreError, Transfer,
 };
 use crate::gguf::{self, GgufInfo};
 
@@ -23,13 +23,17 @@ const MODEL_MANIFESTS: [&str; 2] = [MEDIA_MANIFEST, MEDIA_DOCKER_MANIFEST];
 
 impl ModelStore {
     /// Pulls a model from its registry (Docker Hub when the reference names
-    /// none), resuming what an earlier, broken pull left.
+    /// none; Hugging Face for `hf.co/…`), resuming what an earlier, broken
+    /// pull left.
     pub fn pull(
         &self,
         reference: &str,
         opts: &RegistryOptions,
         progress: &(dyn Fn(Transfer) + Sync),
     ) -> Result<Model, StoreError> {
+        if let Some(hub) = HubReference::parse(reference) {
+            return self.pull_from_hub(&hub?, &HubConfig::from_env(), opts, progress);
+        }
         let local = ModelReference::parse(reference)?;
         registry::pull(self, &local.remote(), opts, progress).map_err(|e| hub_hint(&local, e))
     }
