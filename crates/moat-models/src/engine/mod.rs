@@ -4,6 +4,7 @@
 //! is what they say to each other; [`text`] turns tokens into the text a
 //! client may see.
 
+mod cores;
 pub mod protocol;
 pub mod supervisor;
 mod text;

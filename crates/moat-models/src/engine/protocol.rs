@@ -26,6 +26,10 @@ pub struct LoadSpec {
     pub batch: u32,
     /// Tokens per physical micro-batch (llama-server's `--ubatch-size`).
     pub ubatch: u32,
+    /// The file every worker of the runner locks while it decodes, so that
+    /// two models take turns on the cores (see `cores.rs`).
+    #[serde(default)]
+    pub cores_lock: Option<std::path::PathBuf>,
 }
 
 /// What the worker reports once the model is loaded.

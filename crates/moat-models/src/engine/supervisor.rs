@@ -38,6 +38,9 @@ pub struct RunnerConfig {
     pub keep_alive: Option<Duration>,
     /// Bytes all loaded models may take together.
     pub memory_budget: u64,
+    /// The file workers lock while they decode, so that busy models take
+    /// turns on the cores instead of fighting over them.
+    pub cores_lock: Option<PathBuf>,
 }
 
 impl RunnerConfig {
@@ -48,7 +51,7 @@ impl RunnerConfig {
     pub fn for_host(worker_exe: PathBuf, log_dir: PathBuf) -> Self {
         RunnerConfig {
             worker_exe,
-            log_dir,
+            log_dir: log_dir.clone(),
             threads: physical_cores() as i32,
             slots: 4,
             batch: 2048,
@@ -56,6 +59,7 @@ impl RunnerConfig {
             default_context: 4096,
             keep_alive: Some(Duration::from_secs(300)),
             memory_budget: total_memory() / 4 * 3,
+            cores_lock: Some(log_dir.join(".cores.lock")),
         }
     }
 }
@@ -279,6 +283,7 @@ impl Runner {
             threads: self.config.threads,
             batch: self.config.batch,
             ubatch: self.config.ubatch,
+            cores_lock: self.config.cores_lock.clone(),
         };
         let mut child = child;
         let fail = |child: &mut Child, why: String| {

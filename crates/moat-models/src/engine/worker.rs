@@ -28,6 +28,8 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
+use super::cores::Cores;
+
 use super::protocol::{
     read_frame, write_frame, Finish, FromWorker, Generate, LoadSpec, Loaded, Sampling, Timings,
     ToWorker,
@@ -177,6 +179,7 @@ struct Scheduler<'m> {
     queue: VecDeque<Generate>,
     batch: LlamaBatch<'static>,
     step: u64,
+    cores: Cores,
 }
 
 fn context_params(spec: &LoadSpec) -> LlamaContextParams {
@@ -210,6 +213,7 @@ impl<'m> Scheduler<'m> {
             engine,
             ctx,
             embed_ctx: None,
+            cores: Cores::open(spec.cores_lock.as_deref()),
             spec: spec.clone(),
             slots: (0..slots)
                 .map(|i| Slot {
@@ -405,7 +409,8 @@ impl<'m> Scheduler<'m> {
         self.step += 1;
         loop {
             let added = self.fill_batch();
-            match self.ctx.decode(&mut self.batch) {
+            let (ctx, batch) = (&mut self.ctx, &mut self.batch);
+            match self.cores.turn(|| ctx.decode(batch)) {
                 Ok(()) => {
                     for (index, n) in added {
                         let slot = &mut self.slots[index];
@@ -630,7 +635,8 @@ impl<'m> Scheduler<'m> {
             batch
                 .add_sequence(tokens, 0, true)
                 .map_err(|e| (500, e.to_string()))?;
-            ctx.decode(&mut batch)
+            self.cores
+                .turn(|| ctx.decode(&mut batch))
                 .map_err(|e| (500, format!("llama.cpp failed to embed: {e}")))?;
             let v = ctx
                 .embeddings_seq_ith(0)
