@@ -54,12 +54,13 @@ impl Hub {
             ),
             repo(BROKEN_REPO, &[("broken.Q4_1.gguf", &smol)]),
         ];
-        let port = free_port();
+        let (port, cdn_port) = (free_port(), free_port());
         let log = dir.path().join("requests.jsonl");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_hub.py");
         let mut cmd = Command::new("python3");
         cmd.arg(script)
             .arg(port.to_string())
+            .arg(cdn_port.to_string())
             .arg(TOKEN)
             .arg(&log)
             .args(["--private", PRIVATE_REPO, "--wrong-sha", BROKEN_REPO])
@@ -69,6 +70,7 @@ impl Hub {
         }
         let server = KillOnDrop(cmd.stdout(Stdio::null()).spawn().unwrap());
         wait_for_port(port);
+        wait_for_port(cdn_port);
         Hub {
             port,
             log,
@@ -90,11 +92,13 @@ fn ls_json() -> Vec<serde_json::Value> {
     serde_json::from_str(&moat_ok(&["model", "ls", "--json"])).unwrap()
 }
 
+/// Downloads in the store's `incoming/` (the lock files beside them stay).
 fn incoming() -> Vec<String> {
     let dir = roots().0.join("models").join("incoming");
     std::fs::read_dir(dir)
         .map(|d| {
             d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".lock"))
                 .collect()
         })
         .unwrap_or_default()
@@ -164,13 +168,14 @@ fn models_are_pulled_from_a_hugging_face_hub() {
         from >= 20 << 20,
         "resumed where it broke off, not at {from}"
     );
-    assert!(
-        hub.requests()
-            .iter()
-            .filter(|r| !r["path"].as_str().unwrap().starts_with("/cdn/"))
-            .all(|r| r["auth"] == true),
-        "the token is sent to the Hub's API"
-    );
+    for r in hub.requests() {
+        let cdn = r["path"].as_str().unwrap().starts_with("/cdn/");
+        assert_eq!(
+            r["auth"] == true,
+            !cdn,
+            "the token goes to the Hub's API and never to its CDN: {r}"
+        );
+    }
     assert!(incoming().is_empty(), "{:?}", incoming());
 
     let models = ls_json();
@@ -192,6 +197,24 @@ fn models_are_pulled_from_a_hugging_face_hub() {
         .join("models/blobs/sha256")
         .join(sha256_file(&smollm2_gguf()));
     assert!(blob.is_file(), "the GGUF is stored under its own hash");
+
+    // Pulled again: up to date, nothing downloaded, the same model.
+    let seen = hub.requests().len();
+    let again = moat(&["model", "pull", &reference]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("up to date"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(ls_json().len(), 1, "no second model");
+    assert_eq!(ls_json()[0]["id"], id.as_str());
+    assert!(
+        hub.requests()[seen..]
+            .iter()
+            .all(|r| !r["path"].as_str().unwrap().starts_with("/cdn/")),
+        "nothing was downloaded again"
+    );
 
     // The pulled model is a model: it answers.
     let answer = moat_ok(&["model", "run", &reference, "Say hello."]);

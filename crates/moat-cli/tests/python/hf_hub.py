@@ -3,15 +3,15 @@ model pull uses, for the end-to-end tests (no hub is reachable from here).
 
   GET /api/models/ORG/REPO/tree/main?recursive=true   the file list, two entries a
                                                       page, `Link: <…>; rel="next"`
-  GET /ORG/REPO/resolve/main/PATH                     302 to /cdn/… as the Hub
-                                                      redirects to its CDN
-  GET /cdn/ORG/REPO/PATH                              the bytes, with Range (206)
+  GET /ORG/REPO/resolve/main/PATH                     302 to the CDN port's /cdn/…,
+                                                      as the Hub redirects to its CDN
+  GET /cdn/ORG/REPO/PATH     (on CDN_PORT)            the bytes, with Range (206)
 
 Both API routes want `Authorization: Bearer TOKEN`; the CDN's URLs are
 "signed" and take none, as the Hub's are. Every request is appended to the
 log file as a JSON line (method, path, range, authorization present).
 
-  hf_hub.py PORT TOKEN LOG --repo ORG/REPO=DIR … [--private ORG/REPO]
+  hf_hub.py PORT CDN_PORT TOKEN LOG --repo ORG/REPO=DIR … [--private ORG/REPO]
             [--cut ORG/REPO=BYTES] [--wrong-sha ORG/REPO]
 
 --cut closes the first download of each file of that repository after
@@ -47,6 +47,7 @@ class Hub:
         self.wrong_sha = set(args.wrong_sha)
         self.cut = {r: int(n) for r, _, n in (c.partition("=") for c in args.cut)}
         self.cut_done = set()
+        self.cdn_port = args.cdn_port
         self.lock = threading.Lock()
         self.repos = {}
         for spec in args.repo:
@@ -90,6 +91,7 @@ class Handler(BaseHTTPRequestHandler):
             "path": self.path,
             "range": self.headers.get("Range"),
             "auth": self.headers.get("Authorization") is not None,
+            "port": self.server.server_address[1],
         }
         with self.hub.lock, open(self.hub.log, "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -124,7 +126,8 @@ class Handler(BaseHTTPRequestHandler):
             rel = "/".join(parts[4:])
             if self.hub.file(repo, rel) is None:
                 return self.error(404, "Entry not found")
-            return self.reply(302, b"", [("Location", f"/cdn/{repo}/{rel}")])
+            cdn = f"http://127.0.0.1:{self.hub.cdn_port}/cdn/{repo}/{rel}"
+            return self.reply(302, b"", [("Location", cdn)])
         if parts[0] == "cdn" and len(parts) >= 4:
             return self.send_file("/".join(parts[1:3]), "/".join(parts[3:]))
         self.error(404, "Not found")
@@ -185,6 +188,7 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("port", type=int)
+    p.add_argument("cdn_port", type=int)
     p.add_argument("token")
     p.add_argument("log")
     p.add_argument("--repo", action="append", default=[])
@@ -193,6 +197,8 @@ def main():
     p.add_argument("--cut", action="append", default=[])
     args = p.parse_args()
     Handler.hub = Hub(args)
+    cdn = ThreadingHTTPServer(("127.0.0.1", args.cdn_port), Handler)
+    threading.Thread(target=cdn.serve_forever, daemon=True).start()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print("ready", flush=True)
     server.serve_forever()

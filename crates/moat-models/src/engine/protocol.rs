@@ -17,7 +17,7 @@ pub struct LoadSpec {
     /// The GGUF files in shard order; llama.cpp opens the first and finds
     /// the rest by their split names, so the runner links them side by side.
     pub gguf: std::path::PathBuf,
-    /// Tokens of context per request (the KV cache is shared by the slots).
+    /// Tokens of context per request (each slot has a cache this size).
     pub context_size: u32,
     /// Sequences decoded together.
     pub slots: u32,

@@ -164,7 +164,9 @@ impl Runner {
             return Ok(w);
         }
         let context = self.context_for(model);
-        let memory = model.weights_bytes + model.kv_bytes_per_token * u64::from(context);
+        // Each slot has a cache of the full context.
+        let memory = model.weights_bytes
+            + model.kv_bytes_per_token * u64::from(context) * u64::from(self.config.slots.max(1));
         self.make_room(model, memory)?;
         let worker = self.start(
             model,
@@ -283,7 +285,12 @@ impl Runner {
             threads: self.config.threads,
             batch: self.config.batch,
             ubatch: self.config.ubatch,
-            cores_lock: self.config.cores_lock.clone(),
+            // Workers only fight over the cores when each takes over half.
+            cores_lock: self
+                .config
+                .cores_lock
+                .clone()
+                .filter(|_| self.config.threads.max(1) as usize * 2 > physical_cores()),
         };
         let mut child = child;
         let fail = |child: &mut Child, why: String| {

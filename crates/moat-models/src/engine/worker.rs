@@ -192,14 +192,21 @@ fn context_params(spec: &LoadSpec) -> LlamaContextParams {
 }
 
 impl<'m> Scheduler<'m> {
+    /// Tokens of context each request has: the cache is one stream per slot.
+    fn seq_ctx(&self) -> u32 {
+        self.ctx.n_ctx() / self.slots.len().max(1) as u32
+    }
+
     fn new(engine: &'m Engine, spec: &LoadSpec) -> Result<Self, String> {
         let slots = spec.slots.max(1);
-        // One cache shared by every slot (llama-server's unified KV cache):
-        // a single long request can use the whole context, and idle slots
-        // keep their prefixes until the space is wanted.
+        // A cache of the full context per slot (as Ollama allots num_ctx to
+        // each parallel request), each slot its own stream. A cache shared by
+        // the slots would make every decode attend over the cells of all of
+        // them, idle prefixes included: prompts read ~5 % slower for it.
         let params = context_params(spec)
+            .with_n_ctx(NonZeroU32::new(spec.context_size.saturating_mul(slots)))
             .with_n_seq_max(slots)
-            .with_kv_unified(true);
+            .with_kv_unified(false);
         let ctx = engine
             .model
             .new_context(&engine.backend, params)
@@ -237,7 +244,7 @@ impl<'m> Scheduler<'m> {
             chat_template: m.meta_val_str("tokenizer.chat_template").ok(),
             bos: text(vocab.bos()),
             eos: text(vocab.eos()),
-            context_size: self.ctx.n_ctx(),
+            context_size: self.seq_ctx(),
             context_train: m.n_ctx_train(),
             vocab: m.n_vocab(),
             embedding_length: m.n_embd(),
@@ -333,7 +340,7 @@ impl<'m> Scheduler<'m> {
                 return;
             };
             let prompt = self.tokenize(&g.prompt, true);
-            let n_ctx = self.ctx.n_ctx() as usize;
+            let n_ctx = self.seq_ctx() as usize;
             if prompt.is_empty() {
                 events.push(FromWorker::Failed {
                     id: g.id,
@@ -437,7 +444,7 @@ impl<'m> Scheduler<'m> {
                         .filter_map(|(i, s)| s.active.as_ref().map(|a| (a.started, i)))
                         .max();
                     if let Some((_, i)) = newest {
-                        let n_ctx = self.ctx.n_ctx();
+                        let n_ctx = self.seq_ctx();
                         let slot = &mut self.slots[i];
                         if let Some(a) = slot.active.take() {
                             events.push(FromWorker::Failed {

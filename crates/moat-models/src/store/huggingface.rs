@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -58,8 +59,14 @@ impl HubReference {
     /// `None` when `s` does not name the Hub.
     pub fn parse(s: &str) -> Option<Result<HubReference, StoreError>> {
         let rest = HUB_HOSTS.iter().find_map(|h| s.strip_prefix(h))?;
+        if rest.contains('@') {
+            // `NAME@sha256:…` names a stored model by its id, not the Hub.
+            return None;
+        }
         let (repo, quant) = match rest.rsplit_once(':') {
-            Some((repo, quant)) => (repo, Some(quant.to_string())),
+            // `latest` is what a pull without a tag is stored as: the default.
+            Some((repo, q)) if q.eq_ignore_ascii_case("latest") => (repo, None),
+            Some((repo, q)) => (repo, Some(q.to_ascii_uppercase())),
             None => (rest, None),
         };
         let bad = |reason: &str| {
@@ -149,11 +156,33 @@ impl ModelStore {
                 reference.repo
             ))
         })?;
-        let mut staged = Vec::new();
-        for file in files {
-            staged.push(self.fetch(&client, &file, progress)?);
+        if let Some(model) = self.up_to_date(&target, &files) {
+            progress(Transfer::Step(format!("{target} is up to date")));
+            return Ok(model);
         }
+        // Every file first, kept as it arrives: a shard that breaks off
+        // leaves the ones before it for the next pull.
+        let mut fetched = Vec::new();
+        for file in &files {
+            fetched.push(self.fetch(&client, file, progress)?);
+        }
+        let staged = fetched
+            .into_iter()
+            .map(Fetched::into_staged)
+            .collect::<Result<Vec<_>, _>>()?;
         self.package_staged(staged, Vec::new(), None, None, &target)
+    }
+
+    /// The model `target` names, when its weights are exactly `files`.
+    fn up_to_date(&self, target: &ModelReference, files: &[HubFile]) -> Option<Model> {
+        let model = self.get(&target.to_string()).ok()?;
+        let stored: Vec<String> = model
+            .gguf_paths
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let listed: Vec<String> = files.iter().filter_map(|f| f.sha256.clone()).collect();
+        (listed.len() == files.len() && listed == stored).then_some(model)
     }
 
     /// Downloads one file into `incoming/`, continuing a partial download of
@@ -163,13 +192,9 @@ impl ModelStore {
         client: &Client,
         file: &HubFile,
         progress: &(dyn Fn(Transfer) + Sync),
-    ) -> Result<Staged, StoreError> {
-        let name = file
-            .path
-            .rsplit('/')
-            .next()
-            .unwrap_or(&file.path)
-            .to_string();
+    ) -> Result<Fetched, StoreError> {
+        // choose_files took only plain paths: the name is safe as it is.
+        let name = file_name(&file.path).to_string();
         // A file known by its hash is downloaded under that name, so that a
         // broken pull is resumed by the next; others start over each time.
         let key = match &file.sha256 {
@@ -177,6 +202,18 @@ impl ModelStore {
             None => format!("hf-{}-{}.part", std::process::id(), sanitize(&name)),
         };
         let part = self.incoming_dir().join(key);
+        // Two pulls of one file at once would write into each other's bytes.
+        let lock_path = part.with_extension("lock");
+        let lock = File::create(&lock_path)
+            .map_err(|e| StoreError::io(format!("create {}", lock_path.display()), e))?;
+        let _lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            client.error(format!(
+                "{name} is being downloaded by another pull; wait for it to finish"
+            ))
+        })?;
+        if file.sha256.is_none() {
+            let _ = fs::remove_file(&part);
+        }
         if let Some(sha) = &file.sha256 {
             let stored = self.blob_path(&format!("sha256:{sha}"))?;
             if fs::metadata(&stored).is_ok_and(|m| m.len() == file.size) {
@@ -185,7 +222,12 @@ impl ModelStore {
                 fs::hard_link(&stored, &part)
                     .or_else(|_| fs::copy(&stored, &part).map(|_| ()))
                     .map_err(|e| StoreError::io(format!("copy {name} in the store"), e))?;
-                return staged_from(part, name, sha.clone(), file.size);
+                return Ok(Fetched {
+                    part,
+                    name,
+                    sha: sha.clone(),
+                    size: file.size,
+                });
             }
         }
         let id = file
@@ -207,7 +249,7 @@ impl ModelStore {
             )));
         }
         if have < file.size || file.size == 0 {
-            have = client.download(&file.path, &part, have, &mut hasher, &|done| {
+            have = client.download(&file.path, file.size, &part, have, &mut hasher, &|done| {
                 progress(Transfer::Bytes {
                     id: id.clone(),
                     done,
@@ -220,6 +262,13 @@ impl ModelStore {
             done: have,
             total: file.size.max(have),
         });
+        if have < file.size {
+            // The body ended early but cleanly: what came is kept to resume.
+            return Err(client.error(format!(
+                "the download of {name} ended after {have} of {} bytes; pull again to resume it",
+                file.size
+            )));
+        }
         let digest = hex::encode(hasher.finalize());
         if have != file.size || file.sha256.as_ref().is_some_and(|s| *s != digest) {
             let _ = fs::remove_file(&part);
@@ -229,22 +278,37 @@ impl ModelStore {
                 file.sha256.as_ref().map(|s| format!(" with SHA-256 {s}")).unwrap_or_default()
             )));
         }
-        staged_from(part, name, digest, have)
+        Ok(Fetched {
+            part,
+            name,
+            sha: digest,
+            size: have,
+        })
     }
 }
 
-/// A downloaded file in `incoming/` as a staged blob, removed if the
-/// package fails.
-fn staged_from(part: PathBuf, name: String, sha: String, size: u64) -> Result<Staged, StoreError> {
-    let file = File::open(&part).map_err(|e| StoreError::io(format!("open {name}"), e))?;
-    let path = tempfile::TempPath::try_from_path(&part)
-        .map_err(|e| StoreError::io(format!("keep {}", part.display()), e))?;
-    Ok(Staged {
-        file: tempfile::NamedTempFile::from_parts(file, path),
-        name,
-        digest: format!("sha256:{sha}"),
-        size,
-    })
+/// A whole, checked download in `incoming/`.
+struct Fetched {
+    part: PathBuf,
+    name: String,
+    sha: String,
+    size: u64,
+}
+
+impl Fetched {
+    /// The download as a staged blob, removed if the package fails.
+    fn into_staged(self) -> Result<Staged, StoreError> {
+        let file =
+            File::open(&self.part).map_err(|e| StoreError::io(format!("open {}", self.name), e))?;
+        let path = tempfile::TempPath::try_from_path(&self.part)
+            .map_err(|e| StoreError::io(format!("keep {}", self.part.display()), e))?;
+        Ok(Staged {
+            file: tempfile::NamedTempFile::from_parts(file, path),
+            name: self.name,
+            digest: format!("sha256:{}", self.sha),
+            size: self.size,
+        })
+    }
 }
 
 /// Feeds what an earlier pull left of a file to `hasher`; its length.
@@ -287,6 +351,8 @@ fn choose_files(tree: &[TreeEntry], quant: Option<&str>) -> Result<Vec<HubFile>,
     let ggufs: Vec<&TreeEntry> = tree
         .iter()
         .filter(|e| e.kind == "file" && e.path.to_ascii_lowercase().ends_with(".gguf"))
+        // A path that could leave the repository's URL space is not fetched.
+        .filter(|e| plain_path(&e.path))
         // Vision projectors ride along in many repositories; they are not
         // the model.
         .filter(|e| {
@@ -336,6 +402,18 @@ fn choose_files(tree: &[TreeEntry], quant: Option<&str>) -> Result<Vec<HubFile>,
                 .filter(|o| o.len() == 64 && o.bytes().all(|b| b.is_ascii_hexdigit())),
         })
         .collect())
+}
+
+/// Segments of `[A-Za-z0-9._+-]` that are not `.` or `..`, joined by `/`.
+fn plain_path(path: &str) -> bool {
+    path.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+    })
 }
 
 fn file_name(path: &str) -> &str {
@@ -490,7 +568,8 @@ impl Client {
                 if !response.status().is_success() {
                     return Err(self.refused("the file list", response.status()));
                 }
-                url = next_page(response.headers());
+                url = next_page(response.headers())
+                    .filter(|next| next.starts_with(&format!("{}/", self.endpoint)));
                 let page: Vec<TreeEntry> = response
                     .json()
                     .await
@@ -507,6 +586,7 @@ impl Client {
     fn download(
         &self,
         path: &str,
+        limit: u64,
         part: &Path,
         offset: u64,
         hasher: &mut Sha256,
@@ -523,7 +603,9 @@ impl Client {
             let mut response = request.send().await.map_err(|e| self.unreachable(e))?;
             let status = response.status();
             let (mut out, mut have) = match status.as_u16() {
-                206 if offset > 0 => {
+                206 if offset > 0
+                    && content_range_start(response.headers()) == Some(offset) =>
+                {
                     let f = OpenOptions::new().append(true).open(part).map_err(write_err)?;
                     (f, offset)
                 }
@@ -549,6 +631,13 @@ impl Client {
                 out.write_all(&chunk).map_err(write_err)?;
                 hasher.update(&chunk);
                 have += chunk.len() as u64;
+                if have > limit {
+                    drop(out);
+                    let _ = fs::remove_file(part);
+                    return Err(self.error(format!(
+                        "{name} is larger than the {limit} bytes the Hub lists; the download was removed"
+                    )));
+                }
                 if last.elapsed() >= PROGRESS_EVERY {
                     last = Instant::now();
                     progress(have);
@@ -558,6 +647,17 @@ impl Client {
             Ok(have)
         })
     }
+}
+
+/// Where a 206 answer's bytes start (`Content-Range: bytes START-END/SIZE`).
+fn content_range_start(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let value = headers.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
+    value
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The `rel="next"` URL of a `Link` header, as the Hub paginates.
@@ -611,6 +711,14 @@ mod tests {
             Some("hf.co/org/repo:latest")
         );
         assert!(HubReference::parse("ai/smollm2").is_none());
+        let latest = HubReference::parse("hf.co/Org/Repo:latest").and_then(|r| r.ok());
+        assert_eq!(
+            latest.map(|r| r.quant),
+            Some(None),
+            ":latest is the default"
+        );
+        let lower = HubReference::parse("hf.co/o/r:q4_k_m").and_then(|r| r.ok());
+        assert_eq!(lower.map(|r| r.tag()).as_deref(), Some("hf.co/o/r:Q4_K_M"));
         assert!(matches!(
             HubReference::parse("hf.co/only-org"),
             Some(Err(_))
@@ -644,6 +752,21 @@ mod tests {
             chosen(&files, Some("Q2_K")),
             Err("the repository has no GGUF file for Q2_K; it has Q4_K, Q4_K_M, Q8_0".to_string())
         );
+    }
+
+    #[test]
+    fn paths_that_could_leave_the_repository_are_not_fetched() {
+        for bad in [
+            "../x.Q4_0.gguf",
+            "/x.Q4_0.gguf",
+            "a//x.Q4_0.gguf",
+            "a/./x.Q4_0.gguf",
+            "x?.Q4_0.gguf",
+            "x%2F.Q4_0.gguf",
+        ] {
+            assert!(chosen(&[bad], None).is_err(), "{bad} was taken");
+        }
+        assert!(chosen(&["sub/x+y.Q4_0.gguf"], None).is_ok());
     }
 
     #[test]
