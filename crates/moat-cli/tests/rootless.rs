@@ -36,11 +36,13 @@ impl Rootless {
         let cache = std::env::var("XDG_CACHE_HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(&home).join(".cache"));
+        // The newest: an older recipe's tarball may still be there.
         let tar = std::fs::read_dir(cache.join("moat/templates"))
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "tar"))
+            .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
             .expect("a cached template tarball");
 
         let dir = PathBuf::from(format!("/tmp/moat-rootless-{}", unique("t")));

@@ -310,7 +310,7 @@ mod tests {
         let shell = recipe("shell").unwrap();
         assert_eq!(
             (shell.suite, shell.mirror, shell.packages.len()),
-            ("bookworm", "http://deb.debian.org/debian", 11)
+            ("bookworm", "http://deb.debian.org/debian", 13)
         );
         assert_eq!(recipe("nope"), None);
     }
