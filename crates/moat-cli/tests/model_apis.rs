@@ -29,16 +29,9 @@ struct Runner {
 
 impl Runner {
     fn start(test: &str) -> Runner {
-        use_isolated_roots(&format!("model-apis-{test}"));
         // A daemon an earlier run left would keep its old port, and its
         // state its settings: each run starts from nothing.
-        stop_daemon();
-        let (state, runtime) = roots();
-        for dir in [state, runtime] {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).unwrap();
-            }
-        }
+        fresh_isolated_roots(&format!("model-apis-{test}"));
         let stop = StopDaemon;
         let gguf = smollm2_gguf();
         let port = free_port();

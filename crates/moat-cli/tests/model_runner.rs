@@ -87,6 +87,22 @@ fn split_status(out: &Output) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// `moat model ps --json`, parsed.
+fn ps_json() -> serde_json::Value {
+    serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap()
+}
+
+/// SmolLM2 answers a short chat request.
+fn assert_answers(port: u16) {
+    let (status, body) = curl(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A chat request; `extra` fields are added to (or replace) the defaults.
 fn chat_body(model: &str, content: &str, extra: serde_json::Value) -> String {
     let mut body = serde_json::json!({
@@ -219,7 +235,7 @@ fn cpu_over(pid: i32, span: std::time::Duration) -> f64 {
 fn a_client_that_disconnects_mid_stream_frees_its_slot_at_once() {
     let (port, _guard) = runner("runner-disconnect");
     let (mut child, lines, _) = long_stream(port);
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     let pid = ps[0]["pid"].as_i64().unwrap() as i32;
     let second = std::time::Duration::from_secs(1);
     let busy = cpu_over(pid, second);
@@ -230,7 +246,7 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot_at_once() {
     child.wait().unwrap();
     drop(lines);
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     assert_eq!(ps[0]["in_flight"], 0, "{ps}");
     let idle = cpu_over(pid, second);
     assert!(
@@ -238,13 +254,7 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot_at_once() {
         "the worker still generates for nobody: {idle} CPU s in 1 s (was {busy})"
     );
     // The slot serves the next request.
-    let (status, body) = curl(
-        port,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
-    );
-    assert_eq!(status, 200, "{body}");
+    assert_answers(port);
 }
 
 #[test]
@@ -254,7 +264,7 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
 
     // A long generation, then the worker is killed under it.
     let (mut child, mut lines, mut streamed) = long_stream(port);
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     assert_eq!(ps[0]["in_flight"], 1, "{ps}");
     let pid = ps[0]["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(
@@ -270,14 +280,8 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
         &streamed[streamed.len().saturating_sub(600)..]
     );
     // The runner lives on: the next request starts a new worker.
-    let (status, body) = curl(
-        port,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body(SMOLLM2, "Hi", serde_json::json!({}))),
-    );
-    assert_eq!(status, 200, "{body}");
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_answers(port);
+    let ps = ps_json();
     assert_ne!(
         ps[0]["pid"].as_i64().unwrap() as i32,
         pid,
@@ -469,7 +473,7 @@ fn two_models_are_served_at_once_and_unloaded_on_request() {
             "{body}"
         );
     }
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     let mut names: Vec<&str> = ps
         .as_array()
         .unwrap()
@@ -490,7 +494,7 @@ fn two_models_are_served_at_once_and_unloaded_on_request() {
     let (smol_pid, gemma_pid) = (pid_of(SMOLLM2), pid_of("ai/gemma3:270M-Q4_K_M"));
     assert_ne!(smol_pid, gemma_pid, "each model has its own worker");
     moat_ok(&["model", "unload", "ai/gemma3:270M-Q4_K_M"]);
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
     assert_eq!(ps[0]["name"], SMOLLM2);
     assert!(
@@ -511,8 +515,7 @@ fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
         let body = chat_body(model, "Hi", serde_json::json!({"max_tokens": 1}));
         let (status, answer) = curl(port, "POST", "/v1/chat/completions", Some(&body));
         assert_eq!(status, 200, "{answer}");
-        let ps: serde_json::Value =
-            serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+        let ps = ps_json();
         let loaded = ps.as_array().unwrap().iter().find(|m| m["name"] == model);
         memory.insert(model, loaded.unwrap()["memory"].as_u64().unwrap());
     }
@@ -553,7 +556,7 @@ fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
     ] {
         assert!(message.contains(&part), "{part:?} is not in: {message}");
     }
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
 
     // SmolLM2 idle: it is unloaded to make room.
@@ -563,7 +566,7 @@ fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (status, answer) = curl(port, "POST", "/v1/chat/completions", Some(&body));
     assert_eq!(status, 200, "{answer}");
-    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let ps = ps_json();
     let names: Vec<&str> = ps
         .as_array()
         .unwrap()

@@ -88,10 +88,6 @@ impl Hub {
     }
 }
 
-fn ls_json() -> Vec<serde_json::Value> {
-    serde_json::from_str(&moat_ok(&["model", "ls", "--json"])).unwrap()
-}
-
 /// Downloads in the store's `incoming/` (the lock files beside them stay).
 fn incoming() -> Vec<String> {
     let dir = roots().0.join("models").join("incoming");
@@ -104,21 +100,9 @@ fn incoming() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    text(&out.stdout)[..64].to_string()
-}
-
 #[test]
 fn models_are_pulled_from_a_hugging_face_hub() {
-    use_isolated_roots("models-hub");
-    stop_daemon();
-    let (state, runtime) = roots();
-    for dir in [state, runtime] {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).unwrap();
-        }
-    }
+    fresh_isolated_roots("models-hub");
     let _stop = StopDaemon;
     let hub = Hub::start();
     // The first command starts the daemon, which reads the Hub's address
@@ -178,7 +162,7 @@ fn models_are_pulled_from_a_hugging_face_hub() {
     }
     assert!(incoming().is_empty(), "{:?}", incoming());
 
-    let models = ls_json();
+    let models = model_ls_json();
     assert_eq!(models.len(), 1);
     assert_eq!(
         models[0]["tags"],
@@ -195,7 +179,7 @@ fn models_are_pulled_from_a_hugging_face_hub() {
     let blob = roots()
         .0
         .join("models/blobs/sha256")
-        .join(sha256_file(&smollm2_gguf()));
+        .join(&sha256_digest_of(&smollm2_gguf())["sha256:".len()..]);
     assert!(blob.is_file(), "the GGUF is stored under its own hash");
 
     // Pulled again: up to date, nothing downloaded, the same model.
@@ -207,8 +191,8 @@ fn models_are_pulled_from_a_hugging_face_hub() {
         "{}",
         text(&again.stderr)
     );
-    assert_eq!(ls_json().len(), 1, "no second model");
-    assert_eq!(ls_json()[0]["id"], id.as_str());
+    assert_eq!(model_ls_json().len(), 1, "no second model");
+    assert_eq!(model_ls_json()[0]["id"], id.as_str());
     assert!(
         hub.requests()[seen..]
             .iter()
@@ -224,7 +208,7 @@ fn models_are_pulled_from_a_hugging_face_hub() {
     let mixed = format!("hf.co/{MIXED_REPO}");
     let out = moat(&["model", "pull", &mixed]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let gemma = ls_json()
+    let gemma = model_ls_json()
         .into_iter()
         .find(|m| m["tags"] == serde_json::json!(["hf.co/moat-test/mixed-gguf:latest"]))
         .expect("the untagged pull is named :latest");

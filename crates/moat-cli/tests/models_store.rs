@@ -39,15 +39,6 @@ fn clear_models() {
     }
 }
 
-fn ls_json() -> Vec<serde_json::Value> {
-    serde_json::from_str(&moat_ok(&["model", "ls", "--json"])).unwrap()
-}
-
-fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    format!("sha256:{}", &text(&out.stdout)[..64])
-}
-
 /// Cells of a `moat model ls` line (columns are at least two spaces apart).
 fn cells(line: &str) -> Vec<String> {
     line.split("  ")
@@ -79,7 +70,7 @@ fn a_model_goes_through_a_registry_and_comes_back_the_same() {
         "4096",
         "ai/smollm2:135M-Q4_1",
     ]);
-    let listed = ls_json();
+    let listed = model_ls_json();
     assert_eq!(listed.len(), 1, "{listed:?}");
     let id = listed[0]["id"].as_str().unwrap().to_string();
     assert_eq!(packaged, format!("Packaged ai/smollm2:135M-Q4_1 ({id})\n"));
@@ -197,7 +188,7 @@ fn a_model_goes_through_a_registry_and_comes_back_the_same() {
     );
     assert_eq!(
         manifest["layers"][0]["digest"].as_str().unwrap(),
-        sha256_file(&gguf)
+        sha256_digest_of(&gguf)
     );
     // The image store tells a model from an image before fetching weights.
     let as_image = moat(&["image", "pull", &remote]);
@@ -225,7 +216,7 @@ fn a_model_goes_through_a_registry_and_comes_back_the_same() {
     let pulled = moat(&["model", "pull", &remote]);
     assert!(pulled.status.success(), "{}", text(&pulled.stderr));
     assert_eq!(text(&pulled.stdout), format!("Pulled {remote} ({id})\n"));
-    let back = ls_json();
+    let back = model_ls_json();
     assert_eq!(
         (
             back.len(),
@@ -235,12 +226,12 @@ fn a_model_goes_through_a_registry_and_comes_back_the_same() {
         (1, id.as_str(), &config)
     );
     assert_eq!(
-        sha256_file(
+        sha256_digest_of(
             &models_root()
                 .join("blobs/sha256")
-                .join(&sha256_file(&gguf)[7..])
+                .join(&sha256_digest_of(&gguf)[7..])
         ),
-        sha256_file(&gguf)
+        sha256_digest_of(&gguf)
     );
     let df = moat_ok(&["model", "df"]);
     assert!(
@@ -267,7 +258,7 @@ fn a_pull_cut_off_halfway_resumes_and_names_nothing_until_whole() {
         &direct,
     ]);
     moat_ok(&["model", "push", &direct]);
-    let id = ls_json()[0]["id"].as_str().unwrap().to_string();
+    let id = model_ls_json()[0]["id"].as_str().unwrap().to_string();
     moat_ok(&["model", "rm", &direct]);
 
     let port = free_port();
@@ -304,7 +295,7 @@ fn a_pull_cut_off_halfway_resumes_and_names_nothing_until_whole() {
         "{}",
         text(&again.stderr)
     );
-    let back = ls_json();
+    let back = model_ls_json();
     assert_eq!(
         (back[0]["id"].as_str().unwrap(), back[0]["tags"].clone()),
         (id.as_str(), serde_json::json!([through_relay]))

@@ -234,6 +234,31 @@ pub fn python_in_sandbox(sb: &Sandbox, code: &str, root: bool) -> Output {
     }
 }
 
+/// Isolated roots emptied of what an earlier run left (its daemon, with
+/// its old environment, and its state), so that the next command starts a
+/// daemon from nothing.
+pub fn fresh_isolated_roots(name: &str) {
+    use_isolated_roots(name);
+    stop_daemon();
+    let (state, runtime) = roots();
+    for dir in [state, runtime] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+/// `moat model ls --json`, parsed.
+pub fn model_ls_json() -> Vec<serde_json::Value> {
+    serde_json::from_str(&moat_ok(&["model", "ls", "--json"])).unwrap()
+}
+
+/// The SHA-256 of a file, as `sha256:<hex>`.
+pub fn sha256_digest_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    format!("sha256:{}", &text(&out.stdout)[..64])
+}
+
 /// Stop this test's daemon (of isolated roots), e.g. so that the next one
 /// starts with a different environment.
 pub fn stop_daemon() {
