@@ -46,6 +46,9 @@ enum Command {
     /// API keys the gateway puts into requests (they never enter a sandbox)
     #[command(subcommand)]
     Secret(SecretCmd),
+    /// Docker CLI plugins: `docker sandbox …` and `docker model …` through moat
+    #[command(subcommand)]
+    Plugins(PluginsCmd),
     /// Run the daemon in the foreground (the CLI starts it when needed)
     Daemon,
     /// Show the versions of the client and the daemon
@@ -83,7 +86,7 @@ enum SandboxCmd {
         /// Print only the sandbox's name
         #[arg(short, long)]
         quiet: bool,
-        /// The agent (shell)
+        /// The agent: shell, openclaw, claude or codex
         agent: String,
         /// The workspace folder (read-write), then extra ones (read-only with :ro)
         #[arg(required = true)]
@@ -292,15 +295,33 @@ enum SecretCmd {
 }
 
 #[derive(Subcommand)]
+enum PluginsCmd {
+    /// Link docker-sandbox and docker-model to this binary in Docker's plugin folder
+    Install {
+        /// The plugin folder (default: $DOCKER_CONFIG/cli-plugins or ~/.docker/cli-plugins)
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Replace plugins of those names that are not moat
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove the links that `install` made
+    Uninstall {
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum TemplateCmd {
-    /// Build a template (shell)
+    /// Build a template (shell, node, openclaw, claude, codex); cached once built
     Build { name: String },
     /// List the templates moat can build
     Ls,
 }
 
-pub fn main() -> Result<i32> {
-    let cli = Cli::parse();
+pub fn main(args: Vec<String>) -> Result<i32> {
+    let cli = Cli::parse_from(args);
     if !matches!(cli.command, Command::Daemon) {
         // A command piped into `head` ends quietly, as other tools do; the
         // daemon keeps ignoring SIGPIPE so that a vanished client cannot kill it.
@@ -328,6 +349,7 @@ pub fn main() -> Result<i32> {
         Command::Template(cmd) => template(cmd),
         Command::Model(cmd) => crate::model::run(cmd),
         Command::Secret(cmd) => secret(cmd),
+        Command::Plugins(cmd) => plugins(cmd),
     }
 }
 
@@ -948,6 +970,28 @@ fn read_key(service: &str) -> Result<String> {
     Ok(key.trim().to_string())
 }
 
+fn plugins(cmd: PluginsCmd) -> Result<i32> {
+    match cmd {
+        PluginsCmd::Install { dir, force } => {
+            let dir = dir.map_or_else(crate::plugins::default_dir, Ok)?;
+            let exe = std::env::current_exe()
+                .and_then(|e| e.canonicalize())
+                .context("find the moat binary")?;
+            for link in crate::plugins::install(&dir, &exe, force)? {
+                println!("{} -> {}", link.display(), exe.display());
+            }
+            println!("`docker sandbox …` and `docker model …` now run moat");
+        }
+        PluginsCmd::Uninstall { dir } => {
+            let dir = dir.map_or_else(crate::plugins::default_dir, Ok)?;
+            for link in crate::plugins::uninstall(&dir)? {
+                println!("removed {}", link.display());
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn template(cmd: TemplateCmd) -> Result<i32> {
     match cmd {
         TemplateCmd::Build { name } => {
@@ -961,9 +1005,24 @@ fn template(cmd: TemplateCmd) -> Result<i32> {
             Ok(0)
         }
         TemplateCmd::Ls => {
-            moat_images::template::names()
-                .iter()
-                .for_each(|n| println!("{n}"));
+            println!(
+                "{:<10} {:<8} {:<6} DESCRIPTION",
+                "TEMPLATE", "FROM", "AGENT"
+            );
+            for name in moat_images::template::names() {
+                println!(
+                    "{name:<10} {:<8} {:<6} a Debian bookworm root with bash, git, curl, python3, sudo",
+                    "debian", "yes"
+                );
+            }
+            for e in moat_images::layered::EMBEDDED {
+                let recipe = e.recipe()?;
+                let agent = if recipe.agent.is_some() { "yes" } else { "no" };
+                println!(
+                    "{:<10} {:<8} {agent:<6} {}",
+                    e.name, recipe.from, recipe.description
+                );
+            }
             Ok(0)
         }
     }

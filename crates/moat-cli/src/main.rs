@@ -8,6 +8,7 @@ mod client;
 mod model;
 mod model_run;
 mod output;
+mod plugins;
 mod terminal;
 
 use std::process::ExitCode;
@@ -29,7 +30,13 @@ fn main() -> ExitCode {
             return ExitCode::from(code.clamp(0, 255) as u8);
         }
     }
-    match cli::main() {
+    // Run by the Docker client as `docker-sandbox` or `docker-model`.
+    let args = match plugins::as_plugin(&args) {
+        Some(Ok(moat_args)) => moat_args,
+        Some(Err(code)) => return ExitCode::from(code.clamp(0, 255) as u8),
+        None => args,
+    };
+    match cli::main(args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("moat: {e:#}");

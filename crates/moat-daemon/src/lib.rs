@@ -17,6 +17,7 @@ mod sandboxes;
 mod secrets;
 mod server;
 pub mod state;
+mod templates;
 
 pub use config::Config;
 pub use helpers::{

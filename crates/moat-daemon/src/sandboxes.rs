@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use moat_api::{CreateSandbox, Limits, PortMapping, SandboxInfo, SandboxStatus, Workspace};
-use moat_images::{template, ImageInfo, ImageStore, Reference};
+use moat_images::{ImageInfo, ImageStore, Reference};
 use moat_sandbox::cgroup::{Cgroup, Hierarchy};
 use moat_sandbox::control::NetnsId;
 use moat_sandbox::spec::{BindMount, SandboxSpec};
@@ -25,9 +25,6 @@ use crate::ports::Forwarder;
 use crate::server::Replies;
 use crate::state::{SandboxRow, State};
 use crate::{Config, DaemonError, Paths};
-
-/// Agents known at this stage, with the template each starts from and the command `run` starts.
-const AGENTS: &[(&str, &str, &[&str])] = &[("shell", "shell", &["bash", "-l"])];
 
 /// Image references of built templates.
 pub fn template_reference(name: &str) -> String {
@@ -54,8 +51,12 @@ pub struct Daemon {
     pub(crate) models: Arc<moat_models::store::ModelStore>,
     /// The model runner's HTTP service and its workers.
     pub(crate) model_service: Arc<moat_models::api::ModelService>,
-    /// Serialises template builds and image changes.
+    /// Serialises image changes.
     pub(crate) image_lock: Mutex<()>,
+    /// Serialises template builds (held across the builds of their bases).
+    pub(crate) template_lock: Mutex<()>,
+    /// What each template build's sandbox fetched, per host, as the gateway logs it.
+    pub(crate) build_watch: Arc<Mutex<crate::templates::BuildWatch>>,
     live: Arc<Mutex<HashMap<String, Live>>>,
     pub(crate) gateway: Arc<moat_gateway::Gateway>,
     pub(crate) secrets: crate::secrets::Secrets,
@@ -98,7 +99,10 @@ impl Daemon {
         )?);
         let model_service = crate::model_runner::start(&paths, &config, &exe, Arc::clone(&models))?;
         let log = Mutex::new(crate::network::start_log_writer(paths.database()));
+        let build_watch = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let watch = Arc::clone(&build_watch);
         let sink: moat_gateway::LogSink = Arc::new(move |entry| {
+            Daemon::watch_build(&watch, &entry);
             let _ = lock(&log).send(entry);
         });
         let extra_ca: Vec<PathBuf> = config
@@ -126,6 +130,8 @@ impl Daemon {
             models,
             model_service,
             image_lock: Mutex::new(()),
+            template_lock: Mutex::new(()),
+            build_watch,
             live: Arc::new(Mutex::new(HashMap::new())),
             gateway,
             secrets,
@@ -223,14 +229,23 @@ impl Daemon {
     }
 
     pub fn create(&self, req: CreateSandbox, r: &Replies) -> Result<SandboxInfo, DaemonError> {
-        let (_, default_template, _) = agent(&req.agent)?;
-        let workspaces = parse_workspaces(&req.workspaces)?;
-        let template = req
-            .template
-            .clone()
-            .unwrap_or_else(|| default_template.to_string());
+        let agent = crate::templates::agent(&req.agent)?;
+        parse_workspaces(&req.workspaces)?;
+        let template = req.template.clone().unwrap_or(agent.template);
         let image = self.resolve_image(&template, req.pull_template.as_deref(), r)?;
+        self.create_from_image(&req, &image, None, r)
+    }
 
+    /// A sandbox of `image`, started; `policy` replaces the configured
+    /// default before the first start, so that no request escapes it.
+    pub(crate) fn create_from_image(
+        &self,
+        req: &CreateSandbox,
+        image: &ImageInfo,
+        policy: Option<&moat_gateway::policy::Policy>,
+        r: &Replies,
+    ) -> Result<SandboxInfo, DaemonError> {
+        let workspaces = parse_workspaces(&req.workspaces)?;
         let name = match &req.name {
             Some(n) => {
                 validate_name(n)?;
@@ -276,7 +291,15 @@ impl Daemon {
             pid_start: None,
         };
         lock(&self.state).insert(&row)?;
-        if let Err(e) = self.make_files(&info) {
+        let prepared = self.make_files(&info).and_then(|()| match policy {
+            Some(p) => {
+                let text =
+                    serde_json::to_string(p).map_err(|e| DaemonError::State(e.to_string()))?;
+                lock(&self.state).set_policy(&info.id, &text)
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = prepared {
             self.remove_files(&info.id);
             lock(&self.state).delete(&info.id)?;
             return Err(e);
@@ -628,13 +651,9 @@ impl Daemon {
         if row.info.status != SandboxStatus::Running {
             return Err(DaemonError::Stopped(name.to_string()));
         }
-        let (_, _, command) = agent(&row.info.agent)?;
+        let command = crate::templates::agent(&row.info.agent)?.command;
         let control = self.control_path(&row.info.id);
-        Ok((
-            row.info,
-            control,
-            command.iter().map(|s| s.to_string()).collect(),
-        ))
+        Ok((row.info, control, command))
     }
 
     fn default_name(&self, agent: &str, workspace: &str) -> Result<String, DaemonError> {
@@ -676,49 +695,16 @@ impl Daemon {
         pull: Option<&str>,
         r: &Replies,
     ) -> Result<ImageInfo, DaemonError> {
-        if template::recipe(template_or_image).is_some() {
-            let reference = Reference::parse(&template_reference(template_or_image))?;
-            let _guard = lock(&self.image_lock);
-            if let Some(img) = self.images.get(&reference)? {
-                return Ok(img);
-            }
-            return self.build_template_locked(template_or_image, r);
+        if crate::templates::exists(template_or_image) {
+            return self.ensure_template(template_or_image, r);
         }
         let reference = Reference::parse(template_or_image)?;
         self.image_for_create(&reference, pull, r)?.ok_or_else(|| {
             DaemonError::BadRequest(format!(
                 "unknown template or image {template_or_image:?}: templates are {}; images are listed by `moat image ls`",
-                template::names().join(", ")
+                crate::templates::names().join(", ")
             ))
         })
-    }
-
-    pub fn template_build(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
-        let _guard = lock(&self.image_lock);
-        self.build_template_locked(name, r)
-    }
-
-    fn build_template_locked(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
-        let recipe = template::recipe(name).ok_or_else(|| {
-            DaemonError::BadRequest(format!(
-                "no template named {name:?}; templates are {}",
-                template::names().join(", ")
-            ))
-        })?;
-        r.progress(format!(
-            "building template {name} from Debian packages (about a minute, once)"
-        ));
-        let tar = template::build_rootfs(recipe, &self.paths.cache, &mut |line: &str| {
-            r.progress(line.to_string())
-        })?;
-        r.progress(format!("importing template {name} into the image store"));
-        let reference = Reference::parse(&template_reference(name))?;
-        Ok(self.images.import_rootfs(
-            &tar,
-            &reference,
-            &format!("moat template build {name}"),
-            &self.unpacker(),
-        )?)
     }
 
     pub fn image_list(&self) -> Result<Vec<ImageInfo>, DaemonError> {
@@ -738,6 +724,7 @@ impl Daemon {
             Path::new(path),
             &reference,
             &format!("moat image import {path}"),
+            Default::default(),
             &self.unpacker(),
         )?)
     }
@@ -763,20 +750,6 @@ fn finish(live: &Mutex<HashMap<String, Live>>, id: &str, pid: i32) -> bool {
     } else {
         false
     }
-}
-
-fn agent(name: &str) -> Result<(&'static str, &'static str, &'static [&'static str]), DaemonError> {
-    AGENTS
-        .iter()
-        .copied()
-        .find(|(a, _, _)| *a == name)
-        .ok_or_else(|| {
-            let known: Vec<&str> = AGENTS.iter().map(|(a, _, _)| *a).collect();
-            DaemonError::BadRequest(format!(
-                "unknown agent {name:?}; agents are: {}",
-                known.join(", ")
-            ))
-        })
 }
 
 /// Workspaces as absolute, existing directories; `:ro`/`:readonly` on extras.

@@ -249,7 +249,13 @@ mod tests {
         fs::write(&rootfs, b.into_inner().unwrap()).unwrap();
         let reference = Reference::parse("localhost:5000/me/x:v1").unwrap();
         let info = store
-            .import_rootfs(&rootfs, &reference, "test", &DirectUnpacker)
+            .import_rootfs(
+                &rootfs,
+                &reference,
+                "test",
+                Default::default(),
+                &DirectUnpacker,
+            )
             .unwrap();
 
         let mut bytes = Vec::new();

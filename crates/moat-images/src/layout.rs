@@ -153,7 +153,7 @@ impl ImageStore {
     }
 
     /// Imports a root file system tarball (plain tar or gzip, told apart by
-    /// magic bytes) as a one-layer image named `reference`, replacing any
+    /// magic bytes) as a one-layer image named `reference` with `labels`, replacing any
     /// image of that name. The layer is unpacked before the name appears, so
     /// a broken tarball is reported here and never becomes a visible image.
     pub fn import_rootfs(
@@ -161,6 +161,7 @@ impl ImageStore {
         tar: &Path,
         reference: &Reference,
         created_by: &str,
+        labels: BTreeMap<String, String>,
         unpacker: &dyn LayerUnpacker,
     ) -> Result<ImageInfo, ImageError> {
         // Held throughout, so that a concurrent `remove` cannot sweep the
@@ -173,6 +174,7 @@ impl ImageStore {
             os: "linux".to_string(),
             config: RuntimeConfig {
                 env: vec![DEFAULT_PATH.to_string()],
+                labels,
                 ..RuntimeConfig::default()
             },
             rootfs: RootFs {

@@ -95,7 +95,13 @@ fn import_list_get_layer_dirs_remove_round_trip() {
 
     let info = f
         .store
-        .import_rootfs(&input, &shell, "moat template shell", &DirectUnpacker)
+        .import_rootfs(
+            &input,
+            &shell,
+            "moat template shell",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     let diff_id = sha(&tar);
     let expected = ImageInfo {
@@ -223,7 +229,13 @@ fn gzip_import_keeps_the_compressed_blob() {
 
     let info = f
         .store
-        .import_rootfs(&input, &reference("moat/gz:v1"), "test", &DirectUnpacker)
+        .import_rootfs(
+            &input,
+            &reference("moat/gz:v1"),
+            "test",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     assert_eq!(
         info,
@@ -264,11 +276,23 @@ fn remove_keeps_layers_in_use_and_layers_shared_with_other_images() {
     // Different history, so different manifests over the same layer.
     let a = f
         .store
-        .import_rootfs(&input, &reference("a"), "ta", &DirectUnpacker)
+        .import_rootfs(
+            &input,
+            &reference("a"),
+            "ta",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     let b = f
         .store
-        .import_rootfs(&input, &reference("b"), "tb", &DirectUnpacker)
+        .import_rootfs(
+            &input,
+            &reference("b"),
+            "tb",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     let diff_id = sha(&tar);
 
@@ -297,7 +321,13 @@ fn remove_keeps_layers_in_use_and_layers_shared_with_other_images() {
     // Once no sandbox uses it, the next sweep takes it.
     let c = f.write_input("other.tar", &rootfs_tar("other"));
     f.store
-        .import_rootfs(&c, &reference("c"), "t", &DirectUnpacker)
+        .import_rootfs(
+            &c,
+            &reference("c"),
+            "t",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     f.store.remove(&reference("c"), &[]).unwrap();
     assert_eq!(f.names("layers/sha256"), Vec::<String>::new());
@@ -310,7 +340,13 @@ fn corrupt_blob_is_caught_before_unpacking() {
     let input = f.write_input("rootfs.tar", &tar);
     let info = f
         .store
-        .import_rootfs(&input, &reference("c"), "t", &DirectUnpacker)
+        .import_rootfs(
+            &input,
+            &reference("c"),
+            "t",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     let diff_id = sha(&tar);
     // Plain tar: the blob digest is the diff id.
@@ -340,9 +376,13 @@ fn corrupt_blob_is_caught_before_unpacking() {
 fn broken_tarball_fails_import_and_leaves_nothing() {
     let f = fixture();
     let input = f.write_input("bad.tar", &[b'x'; 2048]);
-    let result = f
-        .store
-        .import_rootfs(&input, &reference("bad"), "t", &DirectUnpacker);
+    let result = f.store.import_rootfs(
+        &input,
+        &reference("bad"),
+        "t",
+        Default::default(),
+        &DirectUnpacker,
+    );
     assert!(
         matches!(result, Err(ImageError::BadLayer { .. })),
         "{result:?}"
@@ -363,9 +403,13 @@ fn broken_tarball_fails_import_and_leaves_nothing() {
         b.into_inner().unwrap()
     };
     let input = f.write_input("fifo.tar", &unsafe_tar);
-    let result = f
-        .store
-        .import_rootfs(&input, &reference("bad"), "t", &DirectUnpacker);
+    let result = f.store.import_rootfs(
+        &input,
+        &reference("bad"),
+        "t",
+        Default::default(),
+        &DirectUnpacker,
+    );
     assert!(
         matches!(&result, Err(ImageError::UnsafeEntry { entry, .. }) if entry == "pipe"),
         "{result:?}"
@@ -381,11 +425,23 @@ fn reimport_replaces_the_name_and_drops_the_old_manifest() {
     let two = f.write_input("two.tar", &rootfs_tar("two"));
     let old = f
         .store
-        .import_rootfs(&one, &reference("x:1"), "t", &DirectUnpacker)
+        .import_rootfs(
+            &one,
+            &reference("x:1"),
+            "t",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     let new = f
         .store
-        .import_rootfs(&two, &reference("x:1"), "t", &DirectUnpacker)
+        .import_rootfs(
+            &two,
+            &reference("x:1"),
+            "t",
+            Default::default(),
+            &DirectUnpacker,
+        )
         .unwrap();
     assert_ne!(old.id, new.id);
     assert_eq!(f.store.list().unwrap(), vec![new.clone()]);
@@ -407,7 +463,13 @@ fn list_is_sorted_and_survives_concurrent_imports() {
             let (store, input) = (f.store.clone(), input.clone());
             s.spawn(move || {
                 store
-                    .import_rootfs(&input, &reference(name), "t", &DirectUnpacker)
+                    .import_rootfs(
+                        &input,
+                        &reference(name),
+                        "t",
+                        Default::default(),
+                        &DirectUnpacker,
+                    )
                     .unwrap()
             });
         }
@@ -441,7 +503,7 @@ fn failed_unpacker_leaves_no_layer_dir() {
     let input = f.write_input("rootfs.tar", &rootfs_tar("f"));
     assert!(f
         .store
-        .import_rootfs(&input, &reference("f"), "t", &Failing)
+        .import_rootfs(&input, &reference("f"), "t", Default::default(), &Failing)
         .is_err());
     assert_eq!(f.names("layers/sha256"), Vec::<String>::new());
     assert_eq!(f.store.get(&reference("f")).unwrap(), None);

@@ -12,6 +12,7 @@ mod diff;
 mod digest;
 mod error;
 pub mod fsutil;
+pub mod layered;
 mod layout;
 pub mod oci;
 mod reference;
