@@ -26,6 +26,9 @@ pub struct Config {
 pub struct RegistryConfig {
     /// Registries (`host:port`) spoken to over plain HTTP. Loopback ones always are.
     pub insecure: Vec<String>,
+    /// Registries asked first for names on Docker Hub (`ai/smollm2`), as
+    /// Docker's `registry-mirrors`.
+    pub mirrors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -244,6 +247,14 @@ impl Config {
         self.gateway.header_timeout()?;
         moat_gateway::Policy::preset(&self.gateway.default_policy)
             .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
+        if let Some(v) = get("MOAT_REGISTRY_MIRRORS") {
+            self.registry.mirrors = v
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(String::from)
+                .collect();
+        }
         if let Some(v) = get("MOAT_INSECURE_REGISTRIES") {
             self.registry.insecure.extend(
                 v.split(',')

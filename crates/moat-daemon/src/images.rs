@@ -81,6 +81,7 @@ impl Daemon {
             insecure: self.config.registry.insecure.clone(),
             extra_ca_pem,
             credentials,
+            mirrors: self.config.registry.mirrors.clone(),
         }
     }
 

@@ -102,7 +102,13 @@ pub struct RegistryOptions {
     pub extra_ca_pem: Vec<Vec<u8>>,
     /// Registry host -> (user, password).
     pub credentials: HashMap<String, (String, String)>,
+    /// Registries (`host:port`) asked first, in order, for names on Docker
+    /// Hub, as Docker's `registry-mirrors`; Docker Hub itself comes last.
+    pub mirrors: Vec<String>,
 }
+
+/// The names Docker Hub goes by.
+pub const DOCKER_HUB: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
 
 /// What a pull or push is doing, for the CLI's progress display.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,13 +155,20 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(reference: &'a Reference, opts: &RegistryOptions) -> Result<Self, ImageError> {
-        let registry = reference
-            .registry()
-            .ok_or_else(|| ImageError::Registry {
+        let registry = reference.registry().ok_or_else(|| ImageError::Registry {
                 reference: reference.to_string(),
                 reason: "the name has no registry host; name one, e.g. localhost:5000/NAME:TAG (`moat image tag` gives an image a second name)".into(),
-            })?
-            .to_string();
+            })?;
+        Self::at(reference, registry, opts)
+    }
+
+    /// A session that asks `registry` (a mirror) for `reference`'s repository.
+    fn at(
+        reference: &'a Reference,
+        registry: &str,
+        opts: &RegistryOptions,
+    ) -> Result<Self, ImageError> {
+        let registry = registry.to_string();
         // reqwest is built without a default crypto provider; the gateway
         // uses ring too, so the process has one kind of TLS.
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -52,13 +52,30 @@ struct MediaTypeOnly {
     manifests: Option<serde_json::Value>,
 }
 
-/// Pulls `reference` from its registry into `store` and names it so.
+/// Pulls `reference` from its registry into `store` and names it so. A
+/// name on Docker Hub is asked of the mirrors first; a mirror that fails
+/// is passed over (and said so), as Docker does.
 pub fn pull<S: RegistryStore>(
     store: &S,
     reference: &Reference,
     opts: &RegistryOptions,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<S::Pulled, S::Error> {
+) -> Result<S::Pulled, S::Error>
+where
+    S::Error: std::fmt::Display,
+{
+    let on_hub = reference
+        .registry()
+        .is_some_and(|r| super::DOCKER_HUB.contains(&r));
+    for mirror in opts.mirrors.iter().filter(|_| on_hub) {
+        let session = Session::at(reference, mirror, opts)?;
+        match runtime()?.block_on(pull_async(store, &session, progress)) {
+            Ok(pulled) => return Ok(pulled),
+            Err(e) => progress(Transfer::Step(format!(
+                "mirror {mirror} could not give {reference} ({e}); trying the next"
+            ))),
+        }
+    }
     let session = Session::new(reference, opts)?;
     runtime()?.block_on(pull_async(store, &session, progress))
 }
