@@ -234,7 +234,7 @@ impl Daemon {
         let built = self
             .create_from_image(&req, base, Some(&policy), r)
             .and_then(|info| {
-                self.run_steps(&info, recipe, files.path(), r)?;
+                self.run_steps(name, &info, recipe, files.path(), r)?;
                 self.stop(&sandbox)?;
                 self.write_build_layer(&info, base, layer)
             });
@@ -254,13 +254,13 @@ impl Daemon {
 
     fn run_steps(
         &self,
+        template: &str,
         info: &SandboxInfo,
         recipe: &LayeredRecipe,
         dir: &Path,
         r: &Replies,
     ) -> Result<(), DaemonError> {
         let control_path = self.control_path(&info.id);
-        let template = info.name.trim_start_matches("template-build-");
         for (i, step) in recipe.steps.iter().enumerate() {
             r.progress(format!(
                 "step {}/{}: {}",
