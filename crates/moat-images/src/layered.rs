@@ -64,7 +64,7 @@ macro_rules! template_dir {
 
 /// Every layered template in the repository.
 pub static EMBEDDED: &[Embedded] = &[
-    template_dir!("node": "template.toml", "npm-fetch"),
+    template_dir!("node": "template.toml", "npm-fetch", "moat-runner"),
     template_dir!("openclaw": "template.toml", "start-openclaw", "openclaw.sh"),
     template_dir!("claude": "template.toml", "start-claude"),
     template_dir!("codex": "template.toml", "start-codex"),
