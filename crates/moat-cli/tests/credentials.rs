@@ -6,122 +6,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use std::process::Command;
+
+use common::upstream::Upstream;
 use common::*;
 
 const KEY: &str = "sk-ant-test-7f3a9c1e5b";
 const TOKEN: &str = "ghp_test_4d2e8a6c";
 
-struct Upstream {
-    dir: tempfile::TempDir,
-    port: u16,
-    _child: KillOnDrop,
-}
-
-impl Upstream {
-    fn seen(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("seen.log")).unwrap_or_default()
-    }
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let ok = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success(), "openssl {args:?}");
-}
-
 /// An HTTPS server that answers every request with what it received, and logs it.
 fn upstream() -> Upstream {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=moat test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "srv.key",
-            "-out",
-            "srv.csr",
-            "-subj",
-            "/CN=upstream",
-        ],
-    );
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:api.anthropic.com,DNS:api.openai.com,DNS:github.com,DNS:other.example\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-    std::fs::write(d.join("echo.py"), ECHO).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("python3")
-        .args(["echo.py", &port.to_string()])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = KillOnDrop(child);
-    wait_for_port(port);
-    Upstream {
-        dir,
-        port,
-        _child: child,
-    }
+    Upstream::start(
+        ECHO,
+        &["api.anthropic.com", "api.openai.com", "github.com", "other.example"],
+    )
 }
 
 const ECHO: &str = r#"

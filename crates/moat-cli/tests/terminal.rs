@@ -6,33 +6,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::tmux::{tmux, Session};
 use common::*;
-
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux is installed (scripts/deps.sh)");
-    text(&out.stdout)
-}
-
-fn wait_for_screen(session: &str, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let screen = tmux(&["capture-pane", "-p", "-t", session]);
-        if screen.contains(want) {
-            return screen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{want:?} never appeared; the screen:\n{screen}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_terminal_passes_size_resizes_ctrl_c_and_the_exit_code() {
@@ -47,40 +24,23 @@ fn a_terminal_passes_size_resizes_ctrl_c_and_the_exit_code() {
         sb.name,
         exit_file.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &command,
-    ]);
-    let _kill = KillSession(session.clone());
+    let tty = Session::start(&session, 100, 30, &command);
 
-    tmux(&[
-        "send-keys",
-        "-t",
-        &session,
-        "PS1='moat-prompt$ '; stty size",
-        "Enter",
-    ]);
-    wait_for_screen(&session, "30 100");
+    tty.send(&["PS1='moat-prompt$ '; stty size", "Enter"]);
+    tty.wait_for("30 100", Duration::from_secs(20));
 
     tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
     std::thread::sleep(Duration::from_millis(300));
-    tmux(&["send-keys", "-t", &session, "clear; stty size", "Enter"]);
-    wait_for_screen(&session, "40 120");
+    tty.send(&["clear; stty size", "Enter"]);
+    tty.wait_for("40 120", Duration::from_secs(20));
 
-    tmux(&["send-keys", "-t", &session, "sleep 1000", "Enter"]);
+    tty.send(&["sleep 1000", "Enter"]);
     std::thread::sleep(Duration::from_millis(500));
-    tmux(&["send-keys", "-t", &session, "C-c", ""]);
-    tmux(&["send-keys", "-t", &session, "echo after-$((40+2))", "Enter"]);
-    wait_for_screen(&session, "after-42");
+    tty.send(&["C-c", ""]);
+    tty.send(&["echo after-$((40+2))", "Enter"]);
+    tty.wait_for("after-42", Duration::from_secs(20));
 
-    tmux(&["send-keys", "-t", &session, "exit 5", "Enter"]);
+    tty.send(&["exit 5", "Enter"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !exit_file.exists() {
         assert!(Instant::now() < deadline, "the exec never ended");
@@ -88,14 +48,4 @@ fn a_terminal_passes_size_resizes_ctrl_c_and_the_exit_code() {
     }
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(std::fs::read_to_string(&exit_file).unwrap(), "EXIT=5\n");
-}
-
-struct KillSession(String);
-
-impl Drop for KillSession {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .output();
-    }
 }

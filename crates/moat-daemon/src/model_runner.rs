@@ -15,6 +15,9 @@ use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrIn};
 
 use crate::config::{parse_size, Config};
 use crate::server::Replies;
+
+/// The model runner's port inside every sandbox (Docker Model Runner's).
+pub const MODEL_PORT_INSIDE: u16 = 12434;
 use crate::{DaemonError, Paths};
 
 /// Start the model runner: its workers' supervisor and the HTTP service.
@@ -66,14 +69,16 @@ impl crate::sandboxes::Daemon {
     }
 
     /// Open the sandbox's door to the model runner: a listener on
-    /// 127.0.0.1:PORT inside its network namespace.
+    /// 127.0.0.1:12434 inside its network namespace, whatever port the host
+    /// side uses (that one may be moved off a busy port; inside, nothing
+    /// else can hold it, and agents' configurations name 12434).
     pub(crate) fn open_model_door(
         &self,
         id: &str,
         name: &str,
         netns: moat_sandbox::control::NetnsId,
     ) -> Result<(), DaemonError> {
-        let port = self.config.models.port;
+        let port = MODEL_PORT_INSIDE;
         let fd = moat_sandbox::control::door_socket(&self.control_path(id), netns, false)?;
         let sys = |what: &str, e: nix::Error| {
             DaemonError::io(format!("model runner door of {name}: {what}"), e.into())

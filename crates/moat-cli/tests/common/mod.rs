@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub mod tmux;
+pub mod upstream;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_moat");
 
 static ISOLATED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
