@@ -288,7 +288,7 @@ fn openclaw_reaches_a_cloud_model_through_the_gateway_and_never_holds_the_key() 
     let answer = openclaw_turn(&sb, "Hello, cloud.");
     let reply = answer["payloads"][0]["text"].as_str().unwrap_or_default();
     // The vendor saw the key; what came back into the sandbox names only the placeholder.
-    assert_eq!(reply, "cloud model here; you sent Bearer proxy-managed", "{answer}");
+    assert_eq!(reply, "cloud model here; you sent proxy-managed", "{answer}");
     let seen: serde_json::Value =
         serde_json::from_str(vendor.seen().lines().last().expect("the vendor got a request"))
             .unwrap();

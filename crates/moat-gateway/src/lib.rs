@@ -15,6 +15,7 @@ pub mod policy;
 mod proxy;
 pub mod ranges;
 pub mod tls;
+mod tunnel;
 
 pub use log::{LogEntry, LogSink};
 pub use policy::{Action, Policy, Rule, Verdict};
