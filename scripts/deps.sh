@@ -4,7 +4,8 @@
 #   uidmap      newuidmap/newgidmap, for rootless sandboxes
 # and, for the tests and benchmarks: bubblewrap (the speed peer), tmux (terminal tests),
 # docker-registry (a real OCI registry), skopeo (a second OCI implementation and the
-# registry peer), apache2-utils (htpasswd, for a registry behind basic auth);
+# registry peer), apache2-utils (htpasswd, for a registry behind basic auth), the
+# docker client (the seed's `docker sandbox`/`docker model` lines, through moat's plugins);
 # and, to build llama.cpp (the model runner's engine, through llama-cpp-sys-2):
 # cmake, clang and libclang-dev (bindgen).
 # Installs only what is missing, so a second run costs nothing.
@@ -12,7 +13,7 @@ set -euo pipefail
 need=()
 for pair in mmdebstrap:mmdebstrap newuidmap:uidmap bwrap:bubblewrap tmux:tmux curl:curl openssl:openssl \
     docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils \
-    cmake:cmake clang:clang c++:g++ python3:python3; do
+    cmake:cmake clang:clang c++:g++ python3:python3 docker:docker.io; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
