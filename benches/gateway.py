@@ -8,22 +8,32 @@ all on loopback in the same run (DESIGN.md budgets):
   intercepted-HTTPS requests/s, keep-alive, 4 clients, against mitmproxy (when mitmdump is installed:
   `pip install mitmproxy`)
 
-Usage: benches/gateway.py   (after `cargo build --release -p moat-gateway --examples`)
+Usage: benches/gateway.py [--connect-only] [--runs N] [--baseline PATH]   (after `cargo build --release -p moat-gateway --examples`)
+  --connect-only   only the CONNECT throughput section
+  --runs N         transfers per proxy for CONNECT throughput (default 3); prints best and median
+  --baseline PATH  also measure another build of the standalone example (as moat-base) in the same
+                   run, e.g. a copy of target/release/examples/standalone from before a change
 Installs squid, tinyproxy and wrk with apt when missing.
 """
 import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+CONNECT_ONLY = "--connect-only" in sys.argv
+RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
+BASELINE = sys.argv[sys.argv.index("--baseline") + 1] if "--baseline" in sys.argv else None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "target/release/examples")
 HTTP, BULK, BYTES, TLS = 18100, 18101, 1 << 30, 18102
 PROXIES = {"moat": 3130, "squid": 3131, "tinyproxy": 3132}
+if BASELINE:
+    PROXIES["moat-base"] = 3134
 
 missing = [p for p, c in [("squid", "squid"), ("tinyproxy", "tinyproxy"), ("wrk", "wrk")] if not shutil.which(c)]
 if missing:
@@ -83,6 +93,8 @@ try:
     moat_ca = os.path.join(tmp, "moat-ca.pem")
     start([os.path.join(EX, "standalone"), f"127.0.0.1:{PROXIES['moat']}", "deny-all", "localhost"],
           env=dict(os.environ, MOAT_BENCH_CA_OUT=moat_ca, MOAT_EXTRA_CA_CERTS=upstream_ca))
+    if BASELINE:
+        start([BASELINE, f"127.0.0.1:{PROXIES['moat-base']}", "deny-all", "localhost"])
     start(["squid", "-N", "-f", squid_conf])
     start(["tinyproxy", "-d", "-c", tiny_conf])
     for port in [HTTP, BULK, *PROXIES.values()]:
@@ -105,14 +117,22 @@ try:
                 break
             got += n
         s.close()
+        assert got == BYTES, f"{got} of {BYTES} bytes through {proxy or 'direct'}"
         return got / (time.perf_counter() - t) / 1e9
 
-    print("CONNECT throughput, 1 GiB (GB/s, best of 3):")
-    direct = max(bulk(None) for _ in range(3))
-    print(f"  direct      {direct:6.2f}")
-    for name, port in PROXIES.items():
-        best = max(bulk(port) for _ in range(3))
-        print(f"  {name:10}  {best:6.2f}   {best / direct * 100:5.1f} % of direct")
+    # Rounds go through every contender in turn, so that a busy spell on the
+    # machine falls on all of them rather than on one.
+    runs = {name: [] for name in ["direct", *PROXIES]}
+    for _ in range(RUNS):
+        for name in runs:
+            runs[name].append(bulk(PROXIES.get(name)))
+    print(f"CONNECT throughput, 1 GiB (GB/s, best and median of {RUNS}):")
+    direct, direct_med = max(runs["direct"]), statistics.median(runs["direct"])
+    for name, got in runs.items():
+        best, med = max(got), statistics.median(got)
+        print(f"  {name:10}  best {best:6.2f} {best / direct * 100:5.1f} %   median {med:6.2f} {med / direct_med * 100:5.1f} % of direct")
+    if CONNECT_ONLY:
+        sys.exit(0)
 
     lua = os.path.join(tmp, "proxy.lua")
     with open(lua, "w") as f:

@@ -219,6 +219,72 @@ fn connect_tunnels_and_policy_changes_apply_to_the_next_request() {
     );
 }
 
+/// An upstream that reads until the client's EOF, then answers with how
+/// many bytes it got and `extra` more, and closes.
+fn counting_upstream(extra: usize) -> u16 {
+    let l = listener();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got).unwrap();
+                let mut answer = format!("{}\n", got.len()).into_bytes();
+                answer.resize(answer.len() + extra, b'x');
+                conn.write_all(&answer).unwrap();
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn tunnels_pass_half_closes_on_and_log_the_bytes_each_way() {
+    let port = counting_upstream(300_000);
+    let s = setup(allow_localhost());
+    let mut c = TcpStream::connect(("127.0.0.1", s.proxy)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Bytes right behind the head: some reach the gateway with it.
+    let mut out =
+        format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n").into_bytes();
+    out.resize(out.len() + 1_000_000, b'u');
+    c.write_all(&out).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    let end = back.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(back.starts_with(b"HTTP/1.1 200"));
+    let answer = &back[end..];
+    assert!(
+        answer.starts_with(b"1000000\n"),
+        "{:?}",
+        &answer[..16.min(answer.len())]
+    );
+    assert_eq!(answer.len(), 8 + 300_000);
+    // The log row is written once both directions have ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let found = s
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.method == "CONNECT")
+            .cloned();
+        match found {
+            Some(e) => break e,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            None => panic!("no log row for the tunnel"),
+        }
+    };
+    assert_eq!(
+        (entry.status, entry.bytes_up, entry.bytes_down),
+        (200, 1_000_000, 8 + 300_000)
+    );
+}
+
 #[test]
 fn bad_requests_get_4xx_and_unreachable_upstreams_502() {
     let s = setup(allow_localhost());
