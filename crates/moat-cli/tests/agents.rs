@@ -42,7 +42,13 @@ impl Daemon {
             cmd.env(k, v);
         }
         let out = cmd
-            .args(["model", "package", "--gguf", gguf.to_str().unwrap(), SMOLLM2])
+            .args([
+                "model",
+                "package",
+                "--gguf",
+                gguf.to_str().unwrap(),
+                SMOLLM2,
+            ])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -119,7 +125,14 @@ fn openclaw_turn(sb: &Sandbox, message: &str) -> serde_json::Value {
     let out = exec_ok(
         sb,
         &[
-            "openclaw", "agent", "--local", "--session-id", "test", "--message", message, "--json",
+            "openclaw",
+            "agent",
+            "--local",
+            "--session-id",
+            "test",
+            "--message",
+            message,
+            "--json",
         ],
     );
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
@@ -142,7 +155,10 @@ fn openclaw_answers_from_the_local_model_and_nothing_leaves_the_machine() {
     let daemon = Daemon::start("agents-openclaw", &[("ANTHROPIC_API_KEY", KEY.into())]);
     let sb = agent_sandbox("openclaw");
 
-    assert_eq!(exec_ok(&sb, &["start-openclaw", "list"]), format!("{SMOLLM2}\n"));
+    assert_eq!(
+        exec_ok(&sb, &["start-openclaw", "list"]),
+        format!("{SMOLLM2}\n")
+    );
     let unknown = exec(&sb, &["start-openclaw", "ai/nope"]);
     assert!(!unknown.status.success());
     assert!(
@@ -183,13 +199,15 @@ fn openclaw_answers_from_the_local_model_and_nothing_leaves_the_machine() {
 
     // Nothing left the machine: the gateway allowed no request of this sandbox.
     let log: Vec<serde_json::Value> =
-        serde_json::from_str(&moat_ok(&["sandbox", "network", "log", "--json", &sb.name]))
-            .unwrap();
+        serde_json::from_str(&moat_ok(&["sandbox", "network", "log", "--json", &sb.name])).unwrap();
     let allowed: Vec<&serde_json::Value> =
         log.iter().filter(|e| e["decision"] == "allowed").collect();
     assert!(allowed.is_empty(), "requests left the machine: {allowed:?}");
 
-    assert_eq!(exec_ok(&sb, &["sh", "-c", "echo $ANTHROPIC_API_KEY"]), "proxy-managed\n");
+    assert_eq!(
+        exec_ok(&sb, &["sh", "-c", "echo $ANTHROPIC_API_KEY"]),
+        "proxy-managed\n"
+    );
     assert_no_key_inside(&sb);
 }
 
@@ -276,29 +294,45 @@ fn openclaw_reaches_a_cloud_model_through_the_gateway_and_never_holds_the_key() 
         &[
             ("OPENAI_API_KEY", KEY.into()),
             ("MOAT_EXTRA_CA_CERTS", vendor.ca().display().to_string()),
-            ("MOAT_GATEWAY_HOSTS", format!("api.openai.com=127.0.0.1:{}", vendor.port)),
+            (
+                "MOAT_GATEWAY_HOSTS",
+                format!("api.openai.com=127.0.0.1:{}", vendor.port),
+            ),
         ],
     );
     let sb = agent_sandbox("openclaw");
     // The stand-in lives on the host's loopback: only an exact rule opens it.
     sb.network_proxy(&["--allow-host", "api.openai.com"]);
-    assert_eq!(exec_ok(&sb, &["sh", "-c", "echo $OPENAI_API_KEY"]), "proxy-managed\n");
+    assert_eq!(
+        exec_ok(&sb, &["sh", "-c", "echo $OPENAI_API_KEY"]),
+        "proxy-managed\n"
+    );
 
-    exec_ok(&sb, &["start-openclaw", "openai/gpt-test", "--configure-only"]);
+    exec_ok(
+        &sb,
+        &["start-openclaw", "openai/gpt-test", "--configure-only"],
+    );
     let answer = openclaw_turn(&sb, "Hello, cloud.");
     let reply = answer["payloads"][0]["text"].as_str().unwrap_or_default();
     // The vendor saw the key; what came back into the sandbox names only the placeholder.
-    assert_eq!(reply, "cloud model here; you sent proxy-managed", "{answer}");
-    let seen: serde_json::Value =
-        serde_json::from_str(vendor.seen().lines().last().expect("the vendor got a request"))
-            .unwrap();
+    assert_eq!(
+        reply, "cloud model here; you sent proxy-managed",
+        "{answer}"
+    );
+    let seen: serde_json::Value = serde_json::from_str(
+        vendor
+            .seen()
+            .lines()
+            .last()
+            .expect("the vendor got a request"),
+    )
+    .unwrap();
     assert_eq!(seen["path"], "/v1/chat/completions");
     assert_eq!(seen["model"], "gpt-test");
     assert_eq!(seen["headers"]["authorization"], format!("Bearer {KEY}"));
 
     let log: Vec<serde_json::Value> =
-        serde_json::from_str(&moat_ok(&["sandbox", "network", "log", "--json", &sb.name]))
-            .unwrap();
+        serde_json::from_str(&moat_ok(&["sandbox", "network", "log", "--json", &sb.name])).unwrap();
     assert!(
         log.iter().any(|e| e["host"] == "api.openai.com"
             && e["decision"] == "allowed"
@@ -309,20 +343,30 @@ fn openclaw_reaches_a_cloud_model_through_the_gateway_and_never_holds_the_key() 
 }
 
 #[test]
-fn claude_code_and_codex_start_and_point_at_the_model_runner() {
+fn claude_code_and_codex_answer_from_the_model_runner() {
     let _daemon = Daemon::start("agents-claude-codex", &[]);
 
     let claude = agent_sandbox("claude");
-    assert_eq!(exec_ok(&claude, &["claude", "--version"]), "2.1.332 (Claude Code)\n");
+    assert_eq!(
+        exec_ok(&claude, &["claude", "--version"]),
+        "2.1.332 (Claude Code)\n"
+    );
     exec_ok(&claude, &["start-claude", SMOLLM2, "--configure-only"]);
     let settings = json_file(&claude, "/home/agent/.claude/settings.json");
-    assert_eq!(settings["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:12434");
+    assert_eq!(
+        settings["env"]["ANTHROPIC_BASE_URL"],
+        "http://127.0.0.1:12434"
+    );
     assert_eq!(settings["env"]["ANTHROPIC_MODEL"], SMOLLM2);
     assert_eq!(settings["env"]["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], "8192");
     // With no key on the host, the cloud needs one, and says how.
     let cloud = exec(&claude, &["start-claude"]);
     assert!(!cloud.status.success());
-    assert!(text(&cloud.stderr).contains("moat secret set anthropic"), "{}", text(&cloud.stderr));
+    assert!(
+        text(&cloud.stderr).contains("moat secret set anthropic"),
+        "{}",
+        text(&cloud.stderr)
+    );
     // One real turn of Claude Code on SmolLM2, through the runner's Anthropic API
     // (`--bare`: Claude Code's full prompt is larger than SmolLM2's context).
     let turn = exec_ok(
@@ -336,9 +380,22 @@ fn claude_code_and_codex_start_and_point_at_the_model_runner() {
     assert!(!turn.trim().is_empty(), "Claude Code printed no answer");
 
     let codex = agent_sandbox("codex");
-    assert_eq!(exec_ok(&codex, &["codex", "--version"]), "codex-cli 0.171.0\n");
+    assert_eq!(
+        exec_ok(&codex, &["codex", "--version"]),
+        "codex-cli 0.171.0\n"
+    );
     exec_ok(&codex, &["start-codex", SMOLLM2, "--configure-only"]);
     let config = exec_ok(&codex, &["cat", "/home/agent/.codex/config.toml"]);
+    // One real turn of Codex on SmolLM2, through the runner's Responses API.
+    let turn = exec_ok(
+        &codex,
+        &[
+            "sh",
+            "-c",
+            "cd \"$HOME\" && codex exec --skip-git-repo-check 'Say hello.' </dev/null",
+        ],
+    );
+    assert!(!turn.trim().is_empty(), "Codex printed no answer");
     for line in [
         format!("model = \"{SMOLLM2}\""),
         "model_provider = \"moat\"".to_string(),
@@ -346,7 +403,10 @@ fn claude_code_and_codex_start_and_point_at_the_model_runner() {
         "approval_policy = \"never\"".to_string(),
         "sandbox_mode = \"danger-full-access\"".to_string(),
     ] {
-        assert!(config.lines().any(|l| l == line), "{line} is missing from:\n{config}");
+        assert!(
+            config.lines().any(|l| l == line),
+            "{line} is missing from:\n{config}"
+        );
     }
 }
 
@@ -361,7 +421,13 @@ fn the_seeds_docker_commands_run_unchanged_through_the_plugins() {
     // What Docker Hub would hold: ai/smollm2, and an openclaw image.
     let gguf = smollm2_gguf();
     let hub_model = format!("{reg}/ai/smollm2:latest");
-    moat_ok(&["model", "package", "--gguf", gguf.to_str().unwrap(), &hub_model]);
+    moat_ok(&[
+        "model",
+        "package",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        &hub_model,
+    ]);
     moat_ok(&["model", "push", &hub_model]);
     moat_ok(&["model", "rm", &hub_model]);
     moat_ok(&["template", "build", "openclaw"]);
@@ -404,7 +470,9 @@ fn the_seeds_docker_commands_run_unchanged_through_the_plugins() {
         "{:?}",
         model_ls_json()
     );
-    docker(&format!("sandbox create --name openclaw -t {image} shell ."));
+    docker(&format!(
+        "sandbox create --name openclaw -t {image} shell ."
+    ));
     docker("sandbox network proxy openclaw --allow-host localhost");
     let _rm = RemoveSandbox("openclaw");
 

@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use std::process::Command;
 
 use common::upstream::Upstream;
@@ -19,7 +18,12 @@ const TOKEN: &str = "ghp_test_4d2e8a6c";
 fn upstream() -> Upstream {
     Upstream::start(
         ECHO,
-        &["api.anthropic.com", "api.openai.com", "github.com", "other.example"],
+        &[
+            "api.anthropic.com",
+            "api.openai.com",
+            "github.com",
+            "other.example",
+        ],
     )
 }
 

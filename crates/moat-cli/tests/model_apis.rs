@@ -204,6 +204,22 @@ fn the_ollama_client_talks_to_smollm2() {
 }
 
 #[test]
+fn the_openai_sdk_speaks_the_responses_api_codex_uses() {
+    let runner = Runner::start("responses");
+    let out = runner.python_at(
+        "openai_client.py",
+        &format!("{}/engines/llama.cpp/v1", runner.url()),
+        &["responses"],
+    );
+    assert!(!str_of(&out, "responses").trim().is_empty(), "{out:?}");
+    assert!(
+        !str_of(&out, "responses_stream").trim().is_empty(),
+        "{out:?}"
+    );
+    assert_eq!(str_of(&out, "responses_tool"), "get_weather");
+}
+
+#[test]
 fn every_api_gives_the_same_answer_to_the_same_prompt() {
     let runner = Runner::start("same-answer");
     // Each script's check asks "Write one short sentence about the sea."

@@ -20,7 +20,14 @@ pub struct Session(pub String);
 impl Session {
     pub fn start(name: &str, cols: u16, rows: u16, command: &str) -> Session {
         tmux(&[
-            "new-session", "-d", "-s", name, "-x", &cols.to_string(), "-y", &rows.to_string(),
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
             command,
         ]);
         Session(name.to_string())
@@ -56,6 +63,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
     }
 }

@@ -23,17 +23,38 @@ impl Upstream {
         openssl(
             d,
             &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-                "ca.pem", "-days", "2", "-subj", "/CN=moat test CA", "-addext",
-                "basicConstraints=critical,CA:TRUE", "-addext",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=moat test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
                 "keyUsage=critical,keyCertSign,cRLSign",
             ],
         );
         openssl(
             d,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr",
-                "-subj", "/CN=upstream",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "srv.key",
+                "-out",
+                "srv.csr",
+                "-subj",
+                "/CN=upstream",
             ],
         );
         let alt: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
@@ -48,8 +69,21 @@ impl Upstream {
         openssl(
             d,
             &[
-                "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "srv.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "srv.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
             ],
         );
         std::fs::write(d.join("server.py"), server).unwrap();

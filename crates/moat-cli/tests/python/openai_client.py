@@ -2,7 +2,7 @@
 
 usage: openai_client.py BASE_URL MODEL CHECK...
 Each CHECK is one of: chat, stream, tools, schema, completions, models,
-embeddings, concurrent. Exits non-zero with the reason on the first failure.
+embeddings, concurrent, responses. Exits non-zero with the reason on the first failure.
 """
 import json
 import sys
@@ -185,6 +185,37 @@ def check_concurrent():
     if errors or len(results) != 8 or not all(results.values()):
         fail(f"8 concurrent streams: errors={errors} results={results}")
     print(json.dumps({"concurrent": len(results)}))
+
+
+def check_responses():
+    """The Responses API (Codex's): plain, streamed, and a required tool call."""
+    r = client.responses.create(model=model, input=messages[0]["content"], max_output_tokens=24, temperature=0)
+    text = r.output_text
+    if not text.strip() or r.status not in ("completed", "incomplete") or r.usage.output_tokens <= 0:
+        fail(f"responses: {r}")
+    pieces, done = [], None
+    for event in client.responses.create(model=model, input=messages, max_output_tokens=24, temperature=0, stream=True):
+        if event.type == "response.output_text.delta":
+            pieces.append(event.delta)
+        elif event.type in ("response.completed", "response.incomplete"):
+            done = event.response
+    if done is None or "".join(pieces) != done.output_text or len(pieces) < 2:
+        fail(f"streamed response: pieces={pieces} done={done}")
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER}
+    r = client.responses.create(model=model, input="What is the weather in Paris, in celsius?", tools=[tool],
+                                tool_choice="required", max_output_tokens=96, temperature=0)
+    calls = [o for o in r.output if o.type == "function_call"]
+    if not calls or not calls[0].call_id:
+        fail(f"no function call with tool_choice=required: {r}")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+    # The call's output goes back as an item, and the model answers in text.
+    follow = [{"role": "user", "content": "What is the weather in Paris, in celsius?"},
+              {"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name, "arguments": calls[0].arguments},
+              {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 degrees and sunny"}]
+    r = client.responses.create(model=model, input=follow, tools=[tool], tool_choice="none", max_output_tokens=32, temperature=0)
+    if not r.output_text.strip():
+        fail(f"no answer after the function output: {r}")
+    print(json.dumps({"responses": text, "responses_stream": "".join(pieces), "responses_tool": calls[0].name}))
 
 
 for check in checks:

@@ -12,6 +12,7 @@ pub mod http;
 mod metrics;
 mod ollama;
 mod openai;
+mod responses;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

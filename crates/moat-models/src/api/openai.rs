@@ -1,6 +1,6 @@
 //! OpenAI's API: chat completions (streamed as server-sent events, with
-//! tools and structured output), completions, embeddings and the model
-//! list, as `/v1/…`, `/engines/v1/…` and `/engines/llama.cpp/v1/…`.
+//! tools and structured output), completions, embeddings, the model
+//! list and (in `responses.rs`) the Responses API, as `/v1/…`, `/engines/v1/…` and `/engines/llama.cpp/v1/…`.
 
 use std::sync::Arc;
 
@@ -26,6 +26,7 @@ pub async fn handle(
         (&Method::POST, "chat/completions") => chat(svc, req).await,
         (&Method::POST, "completions") => completions(svc, req).await,
         (&Method::POST, "embeddings") => embeddings(svc, req).await,
+        (&Method::POST, "responses") => super::responses::create(svc, req).await,
         (&Method::GET, "models") => list(svc),
         (&Method::GET, path) if path.starts_with("models/") => one(svc, &path["models/".len()..]),
         _ => Err(ApiError::not_found(format!(
