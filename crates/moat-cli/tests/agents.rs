@@ -35,24 +35,9 @@ impl Daemon {
     fn start(name: &str, env: &[(&str, String)]) -> Daemon {
         fresh_isolated_roots(name);
         let port = free_port();
-        let gguf = smollm2_gguf();
-        let mut cmd = moat_cmd();
-        cmd.env("MOAT_MODEL_PORT", port.to_string());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd
-            .args([
-                "model",
-                "package",
-                "--gguf",
-                gguf.to_str().unwrap(),
-                SMOLLM2,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "package: {}", text(&out.stderr));
+        let mut env = env.to_vec();
+        env.push(("MOAT_MODEL_PORT", port.to_string()));
+        package_smollm2(SMOLLM2, &env);
         moat_ok(&["model", "configure", "--context-size", "8192", SMOLLM2]);
         Daemon { port }
     }
@@ -243,7 +228,7 @@ fn start_openclaw_shows_the_terminal_ui_and_a_typed_message_gets_an_answer() {
 
 /// A stand-in for OpenAI's chat completions API: logs what it received and
 /// answers with the Authorization header it saw (so that an echoed key is
-/// caught), streamed when asked.
+/// caught), streamed when asked. (`Upstream` serves the class `H` over TLS.)
 const FAKE_OPENAI: &str = r#"
 import http.server, ssl, sys, json
 log = open("seen.log", "a")
@@ -279,11 +264,6 @@ class H(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(out)
     def log_message(self, *a): pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain("srv.pem", "srv.key")
-srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-srv.serve_forever()
 "#;
 
 #[test]

@@ -25,20 +25,7 @@ fn script(name: &str) -> PathBuf {
 fn runner(name: &str) -> (u16, StopDaemon) {
     use_isolated_roots(name);
     let port = free_port();
-    let gguf = smollm2_gguf();
-    let out = moat_cmd()
-        .env("MOAT_MODEL_PORT", port.to_string())
-        .args([
-            "model",
-            "package",
-            "--gguf",
-            gguf.to_str().unwrap(),
-            SMOLLM2,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "package: {}", text(&out.stderr));
+    package_smollm2(SMOLLM2, &[("MOAT_MODEL_PORT", port.to_string())]);
     wait_for_port(port);
     (port, StopDaemon)
 }

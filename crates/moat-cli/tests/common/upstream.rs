@@ -8,6 +8,16 @@ use std::process::{Command, Stdio};
 
 use super::{wait_for_port, KillOnDrop};
 
+/// What every stand-in ends with: `H` on the port given, over TLS.
+const SERVE_TLS: &str = r#"
+import http.server, ssl, sys
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("srv.pem", "srv.key")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
 pub struct Upstream {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -15,9 +25,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Starts `server` (Python, run as `python3 server.py PORT` in a folder
-    /// holding `srv.pem` and `srv.key`) with a certificate for `names`.
-    pub fn start(server: &str, names: &[&str]) -> Upstream {
+    /// Starts `handler` (Python that imports what it uses and defines the
+    /// request handler class `H`) over TLS, with a certificate for `names`.
+    pub fn start(handler: &str, names: &[&str]) -> Upstream {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         openssl(
@@ -86,7 +96,7 @@ impl Upstream {
                 "ext.cnf",
             ],
         );
-        std::fs::write(d.join("server.py"), server).unwrap();
+        std::fs::write(d.join("server.py"), format!("{handler}{SERVE_TLS}")).unwrap();
         let port = super::free_port();
         let child = Command::new("python3")
             .args(["server.py", &port.to_string()])
