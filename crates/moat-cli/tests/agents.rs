@@ -209,15 +209,17 @@ fn start_openclaw_shows_the_terminal_ui_and_a_typed_message_gets_an_answer() {
     );
     let tty = Session::start(&unique("moat-openclaw"), 150, 40, &command);
     // The status line names the model; "connected" once the TUI reached OpenClaw's gateway.
-    tty.wait_for(SMOLLM2, Duration::from_secs(90));
-    tty.wait_for("connected", Duration::from_secs(60));
+    // OpenClaw's own gateway starts first (about 25 s here, more beside other tests).
+    tty.wait_for(SMOLLM2, Duration::from_secs(180));
+    tty.wait_for("connected", Duration::from_secs(120));
     tty.send(&["What is the capital of France?", "Enter"]);
     // The token count in the status line moves off `?` once the model answered.
-    let screen = tty.wait_for("tokens 2", Duration::from_secs(180));
-    let after_question = screen
-        .split("What is the capital of France?")
-        .nth(1)
-        .unwrap_or_default();
+    tty.wait_for("tokens 2", Duration::from_secs(180));
+    // A long answer scrolls the question off the screen: read the history too.
+    let screen = tty.history();
+    let (_, after_question) = screen
+        .rsplit_once("What is the capital of France?")
+        .unwrap_or_else(|| panic!("the question is not on screen:\n{screen}"));
     let answer: String = after_question
         .lines()
         .take_while(|l| !l.contains("connected |") && !l.contains("agent main |"))

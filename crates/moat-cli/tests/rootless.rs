@@ -36,14 +36,11 @@ impl Rootless {
         let cache = std::env::var("XDG_CACHE_HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(&home).join(".cache"));
-        // The newest: an older recipe's tarball may still be there.
-        let tar = std::fs::read_dir(cache.join("moat/templates"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "tar"))
-            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .expect("a cached template tarball");
+        // Exactly the shell recipe's tarball: the cache also holds older
+        // recipes' tarballs and other templates' layers.
+        let shell = moat_images::template::recipe("shell").expect("the shell recipe");
+        let tar = cache.join("moat/templates").join(shell.tarball_name());
+        assert!(tar.exists(), "no cached shell tarball at {}", tar.display());
 
         let dir = PathBuf::from(format!("/tmp/moat-rootless-{}", unique("t")));
         let _ = std::fs::remove_dir_all(&dir);

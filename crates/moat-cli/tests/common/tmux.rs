@@ -44,12 +44,20 @@ impl Session {
         tmux(&["capture-pane", "-p", "-t", &self.0])
     }
 
+    /// The screen with everything that scrolled off its top.
+    pub fn history(&self) -> String {
+        tmux(&["capture-pane", "-p", "-S", "-", "-E", "-", "-t", &self.0])
+    }
+
     /// Waits until the screen shows `want`; returns the screen.
     pub fn wait_for(&self, want: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
         loop {
             let screen = self.screen();
             if screen.contains(want) {
+                // Shown when the test fails, to tell which step was slow.
+                eprintln!("{want:?} appeared after {:?}", start.elapsed());
                 return screen;
             }
             assert!(
