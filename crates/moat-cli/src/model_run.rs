@@ -165,10 +165,15 @@ pub fn status(json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
-    println!(
-        "Model runner is running at {}",
-        v["endpoint"].as_str().unwrap_or_default()
-    );
+    match v["error"].as_str() {
+        None => println!(
+            "Model runner is running at {}",
+            v["endpoint"].as_str().unwrap_or_default()
+        ),
+        Some(why) => {
+            println!("Model runner is not on the host's loopback: {why} (sandboxes still reach it)")
+        }
+    }
     println!(
         "llama.cpp: {} threads, {} slots, context {} by default, keep-alive {}",
         v["threads"],

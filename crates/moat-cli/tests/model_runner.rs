@@ -562,3 +562,24 @@ fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
         .collect();
     assert_eq!(names, [GEMMA]);
 }
+
+#[test]
+fn a_model_port_in_use_is_reported_by_status() {
+    use_isolated_roots("model-port-taken");
+    let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    package_smollm2(SMOLLM2, &[("MOAT_MODEL_PORT", port.to_string())]);
+    let _stop = StopDaemon;
+    let v: serde_json::Value =
+        serde_json::from_str(&moat_ok(&["model", "status", "--json"])).unwrap();
+    assert_eq!(v["running"], false, "{v}");
+    let why = v["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!("127.0.0.1:{port}")) && why.contains("MOAT_MODEL_PORT"),
+        "{v}"
+    );
+    let said = moat_ok(&["model", "status"]);
+    assert!(said.contains("not on the host's loopback"), "{said}");
+    // The model is still there for the door and for a port that is free.
+    assert!(moat_ok(&["model", "ls", "-q"]).lines().count() == 1);
+}

@@ -14,6 +14,7 @@ use moat_models::engine::{Runner, RunnerConfig};
 use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrIn};
 
 use crate::config::{parse_size, Config};
+use crate::sandboxes::lock;
 use crate::server::Replies;
 
 /// The model runner's port inside every sandbox (Docker Model Runner's).
@@ -56,16 +57,20 @@ impl crate::sandboxes::Daemon {
     /// says how to move it.
     pub(crate) fn listen_models(&self) {
         let port = self.config.models.port;
-        match std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
-            Ok(listener) => {
-                if let Err(e) = self.model_service.serve("host", Scope::Host, listener) {
-                    tracing::warn!("model runner: {e}");
-                }
-            }
-            Err(e) => tracing::warn!(
-                "model runner: cannot listen on 127.0.0.1:{port} ({e}); set MOAT_MODEL_PORT or [models] port to another port"
-            ),
+        let failed = match std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            Ok(listener) => self
+                .model_service
+                .serve("host", Scope::Host, listener)
+                .err()
+                .map(|e| e.to_string()),
+            Err(e) => Some(format!(
+                "cannot listen on 127.0.0.1:{port} ({e}); set MOAT_MODEL_PORT or [models] port to another port and restart the daemon"
+            )),
+        };
+        if let Some(why) = &failed {
+            tracing::warn!("model runner: {why}");
         }
+        *lock(&self.models_unreachable) = failed;
     }
 
     /// Open the sandbox's door to the model runner: a listener on
@@ -199,8 +204,11 @@ impl crate::sandboxes::Daemon {
     pub(crate) fn model_status(&self) -> Result<serde_json::Value, DaemonError> {
         let svc = &self.model_service;
         let c = svc.runner.config();
+        // Sandboxes reach it through their doors even when the host's port failed.
+        let unreachable = lock(&self.models_unreachable).clone();
         Ok(serde_json::json!({
-            "running": true,
+            "running": unreachable.is_none(),
+            "error": unreachable,
             "backend": "llama.cpp",
             "endpoint": format!("http://127.0.0.1:{}/engines/llama.cpp/v1/", self.config.models.port),
             "port": self.config.models.port,

@@ -51,6 +51,8 @@ pub struct Daemon {
     pub(crate) models: Arc<moat_models::store::ModelStore>,
     /// The model runner's HTTP service and its workers.
     pub(crate) model_service: Arc<moat_models::api::ModelService>,
+    /// Why the model runner is not on the host's loopback, when it is not.
+    pub(crate) models_unreachable: Mutex<Option<String>>,
     /// Serialises image changes.
     pub(crate) image_lock: Mutex<()>,
     /// Serialises template builds (held across the builds of their bases).
@@ -129,6 +131,7 @@ impl Daemon {
             images,
             models,
             model_service,
+            models_unreachable: Mutex::new(None),
             image_lock: Mutex::new(()),
             template_lock: Mutex::new(()),
             build_watch,
