@@ -188,3 +188,100 @@ fn import_lists_and_removes_an_image() {
     );
     stop_daemon();
 }
+
+/// Names of the sandboxes `sandbox ls` shows.
+fn sandbox_names() -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&moat_ok(&["sandbox", "ls", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_daemon_killed_mid_build_leaves_no_build_sandbox_behind() {
+    // The shared daemon's cache has the shell tarball; this daemon gets a
+    // cache of its own with only that, so that node's steps really run.
+    ensure_template();
+    let shell = moat_images::template::recipe("shell")
+        .unwrap()
+        .tarball_name();
+    let home = std::env::var("HOME").unwrap();
+    let shared_cache = std::env::var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&home).join(".cache"))
+        .join("moat/templates");
+    use_isolated_roots("killedbuild");
+    stop_daemon();
+    let _ = std::fs::remove_dir_all(roots().0);
+    let _stop = StopDaemon;
+    let cache = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::create_dir(cache.path().join("templates")).unwrap();
+    let target = cache.path().join("templates").join(&shell);
+    if std::fs::hard_link(shared_cache.join(&shell), &target).is_err() {
+        std::fs::copy(shared_cache.join(&shell), &target).unwrap();
+    }
+    // The daemon takes MOAT_CACHE_DIR from the command that starts it.
+    let started = moat_cmd()
+        .env("MOAT_CACHE_DIR", cache.path())
+        .args(["sandbox", "ls"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let said = cache.path().join("build.out");
+    let mut build = moat_cmd()
+        .args(["template", "build", "node"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&said).unwrap())
+        .stderr(std::fs::File::create(&said).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !sandbox_names()
+        .iter()
+        .any(|n| n.starts_with("template-build-node-"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no build sandbox appeared; the build said:\n{}",
+            std::fs::read_to_string(&said).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (_, runtime) = roots();
+    let daemon: i32 = std::fs::read_to_string(runtime.join("moat.lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        !build.wait().unwrap().success(),
+        "the build outlived its daemon"
+    );
+    // The next daemon removes what the interrupted build left.
+    assert_eq!(sandbox_names(), Vec::<String>::new());
+    assert!(!moat_ok(&["image", "ls"]).contains("moat/node"));
+    // And no one else may take a build sandbox's name.
+    let ws = tempfile::tempdir().unwrap();
+    let out = moat(&[
+        "sandbox",
+        "create",
+        "--name",
+        "template-build-mine",
+        "shell",
+        ws.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("template builds'"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -185,6 +185,14 @@ impl Daemon {
         let rows = lock(&self.state).all()?;
         for row in rows {
             let id = row.info.id.clone();
+            // A build's steps ran from the daemon that died: nothing can finish it.
+            if crate::templates::is_build_sandbox(&row.info.name) {
+                tracing::warn!(name = %row.info.name, "removing the sandbox of an interrupted template build");
+                if let Err(e) = self.remove(&row.info.name) {
+                    tracing::warn!(name = %row.info.name, "cannot remove it: {e}");
+                }
+                continue;
+            }
             match row.phase.as_str() {
                 "creating" => {
                     tracing::warn!(name = %row.info.name, "removing a sandbox whose creation was interrupted");
@@ -232,6 +240,16 @@ impl Daemon {
     }
 
     pub fn create(&self, req: CreateSandbox, r: &Replies) -> Result<SandboxInfo, DaemonError> {
+        if let Some(name) = req
+            .name
+            .as_deref()
+            .filter(|n| crate::templates::is_build_sandbox(n))
+        {
+            return Err(DaemonError::BadRequest(format!(
+                "bad sandbox name {name:?}: names starting with {:?} are the template builds'",
+                crate::templates::BUILD_SANDBOX_PREFIX
+            )));
+        }
         let agent = crate::templates::agent(&req.agent)?;
         parse_workspaces(&req.workspaces)?;
         let template = req.template.clone().unwrap_or(agent.template);

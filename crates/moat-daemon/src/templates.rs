@@ -40,6 +40,14 @@ pub struct Agent {
     pub command: Vec<String>,
 }
 
+/// Names of the sandboxes template builds run in; no one else may use them,
+/// so that a daemon can remove the ones an interrupted build left.
+pub const BUILD_SANDBOX_PREFIX: &str = "template-build-";
+
+pub fn is_build_sandbox(name: &str) -> bool {
+    name.starts_with(BUILD_SANDBOX_PREFIX)
+}
+
 /// The agent of that name: `shell`, or a template whose recipe names a command.
 pub fn agent(name: &str) -> Result<Agent, DaemonError> {
     if name == "shell" {
@@ -212,7 +220,7 @@ impl Daemon {
             })?;
             policy.add(rule);
         }
-        let sandbox = format!("template-build-{name}-{}", &random_hex()[..6]);
+        let sandbox = format!("{BUILD_SANDBOX_PREFIX}{name}-{}", &random_hex()[..6]);
         r.progress(format!(
             "building template {name} from {} in sandbox {sandbox}; it may reach only: {}",
             recipe.from,
