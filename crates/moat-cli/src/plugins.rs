@@ -70,29 +70,28 @@ pub fn default_dir() -> Result<PathBuf> {
 /// moat is kept unless `force` says to replace it.
 pub fn install(dir: &Path, exe: &Path, force: bool) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut linked = Vec::new();
-    for (name, _, _) in PLUGINS {
-        let link = dir.join(name);
-        match std::fs::read_link(&link) {
-            Ok(target) if target == exe => {}
-            Ok(_) | Err(_) if link.symlink_metadata().is_ok() => {
-                if !force && !is_moat(&link) {
-                    bail!(
-                        "{} exists and is not moat (Docker's own plugin?); move it away or pass --force to replace it",
-                        link.display()
-                    );
-                }
-                std::fs::remove_file(&link)
-                    .with_context(|| format!("remove {}", link.display()))?;
-                std::os::unix::fs::symlink(exe, &link)
-                    .with_context(|| format!("link {}", link.display()))?;
-            }
-            _ => std::os::unix::fs::symlink(exe, &link)
-                .with_context(|| format!("link {}", link.display()))?,
+    let links: Vec<PathBuf> = PLUGINS.iter().map(|(name, _, _)| dir.join(name)).collect();
+    // Every refusal before any change, so that a refusal leaves nothing half installed.
+    for link in &links {
+        if !force && link.symlink_metadata().is_ok() && !is_moat(link) {
+            bail!(
+                "{} exists and is not moat (Docker's own plugin?); move it away or pass --force to replace it",
+                link.display()
+            );
         }
-        linked.push(link);
     }
-    Ok(linked)
+    for link in &links {
+        if std::fs::read_link(link).is_ok_and(|target| target == exe) {
+            continue;
+        }
+        // A new link renamed over the old file: the old plugin stays until
+        // its replacement exists.
+        let tmp = link.with_extension("moat-tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(exe, &tmp).with_context(|| format!("link {}", tmp.display()))?;
+        std::fs::rename(&tmp, link).with_context(|| format!("link {}", link.display()))?;
+    }
+    Ok(links)
 }
 
 /// Removes the plugins that are moat from `dir`; others stay.
@@ -186,6 +185,9 @@ mod tests {
             std::fs::read_to_string(plugins.join("docker-model")).unwrap(),
             "docker's"
         );
+        // A refusal links nothing, not even the plugin that was free.
+        assert!(install(&plugins, &exe, false).is_err());
+        assert!(plugins.join("docker-sandbox").symlink_metadata().is_err());
         install(&plugins, &exe, true).unwrap();
         assert_eq!(
             std::fs::read_link(plugins.join("docker-model")).unwrap(),

@@ -467,6 +467,12 @@ fn the_seeds_docker_commands_run_unchanged_through_the_plugins() {
     let tty = Session::start(&unique("moat-seed"), 120, 30, &command);
     tty.send(&["start-openclaw list", "Enter"]);
     tty.wait_for("ai/smollm2:latest", Duration::from_secs(60));
+    // The name as the seed pulled it, short, is the model's full name.
+    tty.send(&[
+        "start-openclaw ai/smollm2 --configure-only && jq -r .agents.defaults.model.primary ~/.openclaw/openclaw.json",
+        "Enter",
+    ]);
+    tty.wait_for("moat/ai/smollm2:latest", Duration::from_secs(60));
 }
 
 struct RemoveSandbox(&'static str);

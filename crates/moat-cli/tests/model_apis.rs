@@ -217,6 +217,26 @@ fn the_openai_sdk_speaks_the_responses_api_codex_uses() {
         "{out:?}"
     );
     assert_eq!(str_of(&out, "responses_tool"), "get_weather");
+    // Bad input gets a 400 that names the field, as chat's does.
+    for (body, field) in [
+        (json!({"model": MODEL, "input": []}), "`input`"),
+        (
+            json!({"model": MODEL, "instructions": "Be brief."}),
+            "`input`",
+        ),
+        (
+            json!({"model": MODEL, "input": "Hi", "temperature": 5}),
+            "`temperature`",
+        ),
+        (
+            json!({"model": MODEL, "input": "Hi", "top_p": 2}),
+            "`top_p`",
+        ),
+    ] {
+        let (status, said) = runner.curl("POST", "/v1/responses", Some(&body));
+        assert_eq!(status, 400, "{body}: {said}");
+        assert!(said.contains(field), "{body}: {said}");
+    }
 }
 
 #[test]

@@ -101,6 +101,26 @@ type Fetched = BTreeMap<String, (u32, u32)>;
 /// Builds being watched, by sandbox name.
 pub type BuildWatch = BTreeMap<String, Fetched>;
 
+fn find_layered(name: &str) -> Result<&'static layered::Embedded, DaemonError> {
+    layered::find(name).ok_or_else(|| {
+        DaemonError::BadRequest(format!(
+            "no template named {name:?}; templates are {}",
+            names().join(", ")
+        ))
+    })
+}
+
+/// The digest a current image of template `name` is labelled with: its
+/// recipe's, and for a layered recipe, folded with its base's.
+fn recipe_digest(name: &str) -> Result<String, DaemonError> {
+    if let Some(recipe) = template::recipe(name) {
+        return Ok(recipe.digest());
+    }
+    let embedded = find_layered(name)?;
+    let base = recipe_digest(&embedded.recipe()?.from)?;
+    Ok(embedded.digest(&base))
+}
+
 impl Daemon {
     /// `moat template build NAME`: the template's image, built if missing or stale.
     pub fn template_build(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
@@ -114,7 +134,19 @@ impl Daemon {
         name: &str,
         r: &Replies,
     ) -> Result<ImageInfo, DaemonError> {
-        let _one_build_at_a_time = lock(&self.template_lock);
+        // An image that is current needs no lock: creating a sandbox does not
+        // wait for another template's build.
+        let reference = Reference::parse(&template_reference(name))?;
+        if let Some(image) = self.current_template(&reference, &recipe_digest(name)?)? {
+            return Ok(image);
+        }
+        let _one_build_at_a_time = match self.template_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                r.progress("waiting for another template build to finish".to_string());
+                lock(&self.template_lock)
+            }
+        };
         self.ensure_template_locked(name, r).map(|(image, _)| image)
     }
 
@@ -148,12 +180,7 @@ impl Daemon {
             )?;
             return Ok((image, digest));
         }
-        let embedded = layered::find(name).ok_or_else(|| {
-            DaemonError::BadRequest(format!(
-                "no template named {name:?}; templates are {}",
-                names().join(", ")
-            ))
-        })?;
+        let embedded = find_layered(name)?;
         let recipe = embedded.recipe()?;
         let (base, base_digest) = self.ensure_template_locked(&recipe.from, r)?;
         let digest = embedded.digest(&base_digest);

@@ -63,7 +63,7 @@ struct StreamOptions {
 /// The sampling fields OpenAI's requests share, with llama-server's
 /// extensions (`top_k`, `min_p`, `repeat_penalty`, `ignore_eos`).
 #[derive(Debug, Default, Deserialize)]
-struct SamplingFields {
+pub(super) struct SamplingFields {
     temperature: Option<f32>,
     top_p: Option<f32>,
     top_k: Option<i32>,
@@ -74,11 +74,11 @@ struct SamplingFields {
     repeat_penalty: Option<f32>,
     repeat_last_n: Option<i32>,
     #[serde(default)]
-    ignore_eos: bool,
+    pub(super) ignore_eos: bool,
 }
 
 impl SamplingFields {
-    fn sampling(&self) -> Result<Sampling, ApiError> {
+    pub(super) fn sampling(&self) -> Result<Sampling, ApiError> {
         let d = Sampling::default();
         let s = Sampling {
             temperature: self.temperature.unwrap_or(d.temperature),

@@ -28,8 +28,9 @@ struct ResponsesRequest {
     #[serde(default)]
     stream: bool,
     max_output_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
+    /// temperature and top_p (and llama-server's extensions), checked as chat's are.
+    #[serde(flatten)]
+    sampling: super::openai::SamplingFields,
     text: Option<TextOptions>,
     previous_response_id: Option<String>,
 }
@@ -50,17 +51,17 @@ pub async fn create(
             "invalid field `previous_response_id`: the model runner keeps no responses; send the whole conversation in `input`",
         ));
     }
-    let mut input = ChatInput::new(r.model.clone(), messages(r.instructions, &r.input)?);
+    let messages = messages(r.instructions, &r.input)?;
+    if !messages.iter().any(|m| m["role"] != "system") {
+        return Err(ApiError::bad_request("invalid field `input`: it is empty"));
+    }
+    let mut input = ChatInput::new(r.model.clone(), messages);
+    input.sampling = r.sampling.sampling()?;
+    input.ignore_eos = r.sampling.ignore_eos;
     input.tools = r.tools.iter().filter_map(chat_tool).collect();
     input.tool_choice = parse_tool_choice(chat_tool_choice(r.tool_choice).as_ref())?;
     input.response_format =
         parse_response_format(r.text.and_then(|t| t.format).map(chat_format).as_ref())?;
-    if let Some(t) = r.temperature {
-        input.sampling.temperature = t;
-    }
-    if let Some(p) = r.top_p {
-        input.sampling.top_p = p;
-    }
     input.max_tokens = r.max_output_tokens;
     let mut gen = svc.start_chat(input).await?;
     let mut answer = Answer::new(r.model);
