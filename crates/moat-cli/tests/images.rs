@@ -250,17 +250,8 @@ fn a_daemon_killed_mid_build_leaves_no_build_sandbox_behind() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let (_, runtime) = roots();
-    let daemon: i32 = std::fs::read_to_string(runtime.join("moat.lock"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    // SIGKILL, mid-build.
+    stop_daemon();
     assert!(
         !build.wait().unwrap().success(),
         "the build outlived its daemon"
