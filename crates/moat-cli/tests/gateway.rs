@@ -196,12 +196,7 @@ fn a_slow_client_is_cut_off_and_the_gateway_serves_on() {
     let _stop = StopDaemon;
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), "[gateway]\nheader_timeout = \"2s\"\n").unwrap();
-    let started = moat_cmd()
-        .env("MOAT_CONFIG", config.path())
-        .args(["image", "ls"])
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{}", text(&started.stderr));
+    start_daemon_with(&[("MOAT_CONFIG", config.path().as_os_str())]);
     let sb = Sandbox::new("slow");
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("hello.txt"), "hello\n").unwrap();

@@ -204,32 +204,14 @@ fn sandbox_names() -> Vec<String> {
 fn a_daemon_killed_mid_build_leaves_no_build_sandbox_behind() {
     // The shared daemon's cache has the shell tarball; this daemon gets a
     // cache of its own with only that, so that node's steps really run.
-    ensure_template();
-    let shell = moat_images::template::recipe("shell")
-        .unwrap()
-        .tarball_name();
-    let home = std::env::var("HOME").unwrap();
-    let shared_cache = std::env::var("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&home).join(".cache"))
-        .join("moat/templates");
+    let cache = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::create_dir(cache.path().join("templates")).unwrap();
+    cached_shell_tarball_into(&cache.path().join("templates"));
     use_isolated_roots("killedbuild");
     stop_daemon();
     let _ = std::fs::remove_dir_all(roots().0);
     let _stop = StopDaemon;
-    let cache = tempfile::tempdir_in("/tmp").unwrap();
-    std::fs::create_dir(cache.path().join("templates")).unwrap();
-    let target = cache.path().join("templates").join(&shell);
-    if std::fs::hard_link(shared_cache.join(&shell), &target).is_err() {
-        std::fs::copy(shared_cache.join(&shell), &target).unwrap();
-    }
-    // The daemon takes MOAT_CACHE_DIR from the command that starts it.
-    let started = moat_cmd()
-        .env("MOAT_CACHE_DIR", cache.path())
-        .args(["sandbox", "ls"])
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{}", text(&started.stderr));
+    start_daemon_with(&[("MOAT_CACHE_DIR", cache.path().as_os_str())]);
     let said = cache.path().join("build.out");
     let mut build = moat_cmd()
         .args(["template", "build", "node"])

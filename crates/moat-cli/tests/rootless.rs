@@ -9,7 +9,7 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
@@ -30,28 +30,14 @@ impl Rootless {
         let user = nix::unistd::User::from_name(USER)
             .unwrap()
             .unwrap_or_else(|| panic!("no user {USER}: run scripts/test.sh, which creates it"));
-        // The template's root file system, from the cache the root daemon filled.
-        ensure_template();
-        let home = std::env::var("HOME").unwrap();
-        let cache = std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(&home).join(".cache"));
-        // Exactly the shell recipe's tarball: the cache also holds older
-        // recipes' tarballs and other templates' layers.
-        let shell = moat_images::template::recipe("shell").expect("the shell recipe");
-        let tar = cache.join("moat/templates").join(shell.tarball_name());
-        assert!(tar.exists(), "no cached shell tarball at {}", tar.display());
-
         let dir = PathBuf::from(format!("/tmp/moat-rootless-{}", unique("t")));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["", "cache/templates"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         std::fs::copy(BIN, dir.join("moat")).unwrap();
-        let target = dir.join("cache/templates").join(tar.file_name().unwrap());
-        if std::fs::hard_link(&tar, &target).is_err() {
-            std::fs::copy(&tar, &target).unwrap();
-        }
+        // The template's root file system, from the cache the root daemon filled.
+        let target = cached_shell_tarball_into(&dir.join("cache/templates"));
         for p in [dir.clone(), dir.join("cache"), dir.join("cache/templates")] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }

@@ -147,22 +147,17 @@ impl Daemon {
                 lock(&self.template_lock)
             }
         };
-        self.ensure_template_locked(name, r).map(|(image, _)| image)
+        self.ensure_template_locked(name, r)
     }
 
-    /// The image and its recipe digest.
-    fn ensure_template_locked(
-        &self,
-        name: &str,
-        r: &Replies,
-    ) -> Result<(ImageInfo, String), DaemonError> {
+    fn ensure_template_locked(&self, name: &str, r: &Replies) -> Result<ImageInfo, DaemonError> {
         let reference = Reference::parse(&template_reference(name))?;
         let created_by = format!("moat template build {name}");
+        let digest = recipe_digest(name)?;
+        if let Some(image) = self.current_template(&reference, &digest)? {
+            return Ok(image);
+        }
         if let Some(recipe) = template::recipe(name) {
-            let digest = recipe.digest();
-            if let Some(image) = self.current_template(&reference, &digest)? {
-                return Ok((image, digest));
-            }
             r.progress(format!(
                 "building template {name} from Debian packages (about a minute, once)"
             ));
@@ -178,15 +173,11 @@ impl Daemon {
                 digest_label(&digest),
                 &self.unpacker(),
             )?;
-            return Ok((image, digest));
+            return Ok(image);
         }
         let embedded = find_layered(name)?;
         let recipe = embedded.recipe()?;
-        let (base, base_digest) = self.ensure_template_locked(&recipe.from, r)?;
-        let digest = embedded.digest(&base_digest);
-        if let Some(image) = self.current_template(&reference, &digest)? {
-            return Ok((image, digest));
-        }
+        let base = self.ensure_template_locked(&recipe.from, r)?;
         let cache = self.paths.cache.join("templates");
         fs::create_dir_all(&cache)
             .map_err(|e| DaemonError::io(format!("create {}", cache.display()), e))?;
@@ -209,7 +200,7 @@ impl Daemon {
             digest_label(&digest),
             &self.unpacker(),
         )?;
-        Ok((image, digest))
+        Ok(image)
     }
 
     /// The stored template image, when it was built from this digest.

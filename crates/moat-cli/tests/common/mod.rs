@@ -278,6 +278,41 @@ pub fn stop_daemon() {
     }
 }
 
+/// Starts this test's daemon (of isolated roots) with `env`, which a daemon
+/// takes only from the command that starts it.
+#[allow(dead_code)]
+pub fn start_daemon_with(env: &[(&str, &std::ffi::OsStr)]) {
+    let mut cmd = moat_cmd();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = cmd.args(["sandbox", "ls"]).output().unwrap();
+    assert!(started.status.success(), "{}", text(&started.stderr));
+}
+
+/// A copy of the shell template's root file system tarball, from the cache
+/// the shared daemon filled (built there when missing), at `dir/NAME`.
+/// Exactly that recipe's: the cache also holds older recipes' tarballs and
+/// other templates' layers.
+#[allow(dead_code)]
+pub fn cached_shell_tarball_into(dir: &Path) -> PathBuf {
+    ensure_template();
+    let home = std::env::var("HOME").unwrap();
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&home).join(".cache"));
+    let name = moat_images::template::recipe("shell")
+        .expect("the shell recipe")
+        .tarball_name();
+    let tar = cache.join("moat/templates").join(&name);
+    assert!(tar.exists(), "no cached shell tarball at {}", tar.display());
+    let target = dir.join(&name);
+    if std::fs::hard_link(&tar, &target).is_err() {
+        std::fs::copy(&tar, &target).unwrap();
+    }
+    target
+}
+
 /// Stops the test's daemon when dropped.
 pub struct StopDaemon;
 
