@@ -410,3 +410,24 @@ fn docker_model_runner_routes_manage_the_engine() {
     );
     assert_eq!(runner.json("GET", "/engines/ps", None), json!([]));
 }
+
+#[test]
+fn a_model_is_named_as_asked_whichever_of_its_tags_comes_first() {
+    let runner = Runner::start("named-as-asked");
+    // Two tags on one model, the short name resolving to the second one.
+    moat_ok(&["model", "tag", MODEL, "ai/smollm2:latest"]);
+    for (asked, id) in [
+        ("ai/smollm2", "ai/smollm2:latest"),
+        ("smollm2", "ai/smollm2:latest"),
+        (MODEL, MODEL),
+    ] {
+        let (status, body) = runner.curl(
+            "GET",
+            &format!("/engines/llama.cpp/v1/models/{asked}"),
+            None,
+        );
+        assert_eq!(status, 200, "{asked}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["id"], id, "{asked}: {body}");
+    }
+}

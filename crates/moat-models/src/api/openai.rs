@@ -469,7 +469,15 @@ fn list(svc: &Arc<ModelService>) -> Result<Response<Body>, ApiError> {
 
 fn one(svc: &Arc<ModelService>, name: &str) -> Result<Response<Body>, ApiError> {
     let m = svc.find(name)?;
-    let id = m.tags.first().cloned().unwrap_or_else(|| name.to_string());
+    // The name as asked, in full (`ai/smollm2` is `ai/smollm2:latest`), when
+    // it is one of the model's tags: which of several tags is first says nothing.
+    let asked = crate::store::ModelReference::parse(name)
+        .ok()
+        .map(|r| r.to_string())
+        .filter(|full| m.tags.contains(full));
+    let id = asked
+        .or_else(|| m.tags.first().cloned())
+        .unwrap_or_else(|| name.to_string());
     Ok(http::json_response(
         StatusCode::OK,
         &json!({"id": id, "object": "model", "created": m.created, "owned_by": "docker"}),
