@@ -17,6 +17,7 @@ mod sandboxes;
 mod secrets;
 mod server;
 pub mod state;
+mod step_output;
 mod templates;
 
 pub use config::Config;

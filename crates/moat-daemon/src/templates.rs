@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use moat_api::init::InitExec;
 use moat_api::{CreateSandbox, SandboxInfo};
@@ -24,6 +24,7 @@ use moat_sandbox::control;
 
 use crate::sandboxes::{lock, template_reference, Daemon};
 use crate::server::Replies;
+use crate::step_output::{self, StepEnd};
 use crate::DaemonError;
 
 /// The label that ties a template image to the recipe digest it was built from.
@@ -314,16 +315,34 @@ impl Daemon {
             let session = control::exec(&control_path, &exec, &[null.as_raw_fd(), w, w])?;
             drop(out_write);
             let mut tail = VecDeque::new();
-            for line in BufReader::new(fs::File::from(out_read)).split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).trim_end().to_string();
-                r.progress(format!("  {line}"));
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
+            let limit = Duration::from_secs(step.timeout_minutes.saturating_mul(60));
+            let end = step_output::follow(
+                fs::File::from(out_read),
+                move || session.wait(),
+                limit,
+                |line| {
+                    r.progress(format!("  {line}"));
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                },
+            )?;
+            let code = match end {
+                StepEnd::Exited(code) => code,
+                StepEnd::TimedOut => {
+                    // Stopping the sandbox ends the step and all it started.
+                    let _ = control::stop(&control_path, Duration::from_secs(2));
+                    let output: Vec<String> = tail.into_iter().collect();
+                    return Err(DaemonError::BadRequest(format!(
+                        "building template {template} failed at step {} ({}): it ran past its limit of {} minutes (timeout_minutes in the recipe); its last output:\n{}",
+                        i + 1,
+                        step.name,
+                        step.timeout_minutes,
+                        output.join("\n"),
+                    )));
                 }
-                tail.push_back(line);
-            }
-            let code = session.wait()?;
+            };
             let blocked: Vec<String> = lock(&self.build_watch)
                 .get(&info.name)
                 .map(|f| {

@@ -41,10 +41,17 @@ pub struct Step {
     /// Who runs it inside (default root, the sandbox's own).
     #[serde(default = "root")]
     pub user: String,
+    /// How long it may run before the build is stopped and fails.
+    #[serde(default = "thirty")]
+    pub timeout_minutes: u64,
 }
 
 fn root() -> String {
     "root".into()
+}
+
+fn thirty() -> u64 {
+    30
 }
 
 /// A recipe's folder as compiled in: its name and files (path, text).
