@@ -172,6 +172,15 @@ fn openclaw_answers_from_the_local_model_and_nothing_leaves_the_machine() {
         )
     );
 
+    // Configured again, it keeps the gateway's token: a gateway still up
+    // from an earlier start must accept the TUI of the next one.
+    exec_ok(&sb, &["start-openclaw", SMOLLM2, "--configure-only"]);
+    let again = json_file(&sb, "/home/agent/.openclaw/openclaw.json");
+    assert_eq!(
+        again["gateway"]["auth"]["token"],
+        config["gateway"]["auth"]["token"]
+    );
+
     let before = daemon.prompt_tokens();
     let answer = openclaw_turn(&sb, "Say hello in one short sentence.");
     let reply = answer["payloads"][0]["text"].as_str().unwrap_or_default();
@@ -226,6 +235,22 @@ fn start_openclaw_shows_the_terminal_ui_and_a_typed_message_gets_an_answer() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(!answer.trim().is_empty(), "no answer on screen:\n{screen}");
+
+    // Started again from a second terminal: the first start's gateway goes
+    // before a new one opens the port, and the first TUI, whose token still
+    // holds, reconnects to the new gateway.
+    let again = Session::start(&unique("moat-openclaw-again"), 150, 40, &command);
+    again.wait_for("connected", Duration::from_secs(180));
+    tty.wait_for("reconnected", Duration::from_secs(60));
+    let gateways = exec_ok(
+        &sb,
+        &[
+            "sh",
+            "-c",
+            "ps -eo stat=,args= | awk '$1 !~ /^Z/ && $2 == \"openclaw-gateway\"' | wc -l",
+        ],
+    );
+    assert_eq!(gateways.trim(), "1", "OpenClaw gateways running");
 }
 
 /// A stand-in for OpenAI's chat completions API: logs what it received and

@@ -192,6 +192,9 @@ fn the_ollama_client_talks_to_smollm2() {
     );
     assert_eq!(out["list"], json!([MODEL]));
     assert_eq!(str_of(&out, "parameter_size"), "134.52M");
+    // The context the model runs with: the runner's default, below the
+    // model's own 8192; the agents' start scripts size their prompts by it.
+    assert_eq!(out["show"]["parameters"], "num_ctx 4096");
     // The chat's answer streamed and whole, and through generate, is one text.
     assert_eq!(str_of(&out, "stream"), str_of(&out, "chat"));
     assert_eq!(str_of(&out, "generate"), str_of(&out, "chat"));

@@ -321,13 +321,27 @@ fn engine_error(e: EngineError) -> ApiError {
 /// What the runner needs to load `model`, with memory estimated from its
 /// header: the weights, and the keys and values of each token of context.
 fn to_load(model: &Model, name: &str, settings: &ModelSettings) -> Result<ModelToLoad, ApiError> {
+    Ok(load_spec(model, name, settings, &read_header(model, name)?))
+}
+
+/// The header of a stored model's (first) GGUF file.
+fn read_header(model: &Model, name: &str) -> Result<crate::gguf::GgufInfo, ApiError> {
     let first = model
         .gguf_paths
         .first()
         .ok_or_else(|| ApiError::new(500, format!("{name} has no GGUF layer in the store")))?;
-    let info = crate::gguf::read_file(first).map_err(|e| {
+    crate::gguf::read_file(first).map_err(|e| {
         ApiError::new(500, format!("{name} is damaged in the store ({e}); remove it with `moat model rm {name}` and pull it again"))
-    })?;
+    })
+}
+
+/// `to_load` with the header already read.
+fn load_spec(
+    model: &Model,
+    name: &str,
+    settings: &ModelSettings,
+    info: &crate::gguf::GgufInfo,
+) -> ModelToLoad {
     let arch = info.architecture().to_string();
     let get = |k: &str| info.uint(&format!("{arch}.{k}"));
     let layers = get("block_count").unwrap_or(32);
@@ -336,7 +350,7 @@ fn to_load(model: &Model, name: &str, settings: &ModelSettings) -> Result<ModelT
     let heads_kv = get("attention.head_count_kv").unwrap_or(heads);
     let k_len = get("attention.key_length").unwrap_or(embd / heads);
     let v_len = get("attention.value_length").unwrap_or(embd / heads);
-    Ok(ModelToLoad {
+    ModelToLoad {
         id: model.id.clone(),
         name: model
             .tags
@@ -354,7 +368,7 @@ fn to_load(model: &Model, name: &str, settings: &ModelSettings) -> Result<ModelT
         weights_bytes: model.size,
         // f16 keys and values.
         kv_bytes_per_token: layers * heads_kv * (k_len + v_len) * 2,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::dmr::{blocking, registry_options, start_pull, store_status};
 use super::generation::{ChatInput, FinishReason, Out, ResponseFormat, Summary, ToolCall};
 use super::http::{self, ApiError, Body, Dialect};
 use super::openai::{embed, OneOrMany};
-use super::{parse_keep_alive, ModelService, ModelSettings};
+use super::{parse_keep_alive, ModelService};
 use crate::engine::{LoadedModel, Sampling};
 use crate::gguf::{self, GgufInfo};
 use crate::store::{Model, ModelConfig, ModelReference, Transfer};
@@ -753,17 +753,15 @@ fn capabilities(template: &str) -> Vec<&'static str> {
     caps
 }
 
-fn show_json(name: &str, m: &Model, info: &GgufInfo, settings: &ModelSettings) -> Value {
+/// `context` is the one the model runs with (`Runner::context_for`), so that
+/// a client sizing its prompts reads the real limit.
+fn show_json(name: &str, m: &Model, info: &GgufInfo, context: u32) -> Value {
     let template = m
         .chat_template
         .as_deref()
         .or_else(|| info.chat_template())
         .unwrap_or("");
-    let context = settings
-        .context_size
-        .map(u64::from)
-        .or(m.config.context_size);
-    let parameters = context.map(|n| format!("num_ctx {n}")).unwrap_or_default();
+    let parameters = format!("num_ctx {context}");
     let license = m.license.join("\n\n");
     let mut modelfile = format!("# Modelfile of {name}, as moat's model runner shows it\n\n");
     if let Some(path) = m.gguf_paths.first() {
@@ -772,9 +770,7 @@ fn show_json(name: &str, m: &Model, info: &GgufInfo, settings: &ModelSettings) -
     if !template.is_empty() {
         modelfile.push_str(&format!("TEMPLATE \"\"\"{template}\"\"\"\n"));
     }
-    if let Some(n) = context {
-        modelfile.push_str(&format!("PARAMETER num_ctx {n}\n"));
-    }
+    modelfile.push_str(&format!("PARAMETER num_ctx {context}\n"));
     if !license.is_empty() {
         modelfile.push_str(&format!("LICENSE \"\"\"{license}\"\"\"\n"));
     }
@@ -803,15 +799,12 @@ async fn show(svc: &Arc<ModelService>, req: Request) -> Result<Response<Body>, A
     let svc2 = svc.clone();
     blocking(move || {
         let m = svc2.find(&name)?;
-        let path = m
-            .gguf_paths
-            .first()
-            .ok_or_else(|| ApiError::new(500, format!("{name} has no GGUF layer in the store")))?;
-        let info = gguf::read_file(path).map_err(|e| {
-            ApiError::new(500, format!("{name} is damaged in the store ({e}); remove it with `moat model rm {name}` and pull it again"))
-        })?;
+        let info = super::read_header(&m, &name)?;
         let settings = svc2.settings_of(&m.id);
-        Ok(http::ok_json(&show_json(&name, &m, &info, &settings)))
+        let context = svc2
+            .runner
+            .context_for(&super::load_spec(&m, &name, &settings, &info));
+        Ok(http::ok_json(&show_json(&name, &m, &info, context)))
     })
     .await
 }
@@ -1228,12 +1221,8 @@ mod tests {
             data_end: 0,
         };
         let template = "{% for message in messages %}{% if tools %}…{% endif %}{% endfor %}";
-        let settings = ModelSettings {
-            context_size: Some(8192),
-            keep_alive: None,
-        };
         assert_eq!(
-            show_json("ai/smollm2:135M-Q4_1", &m, &info, &settings),
+            show_json("ai/smollm2:135M-Q4_1", &m, &info, 8192),
             json!({
                 "modelfile": format!("# Modelfile of ai/smollm2:135M-Q4_1, as moat's model runner shows it\n\nFROM /store/blobs/sha256/aa\nTEMPLATE \"\"\"{template}\"\"\"\nPARAMETER num_ctx 8192\nLICENSE \"\"\"Apache-2.0\"\"\"\n"),
                 "parameters": "num_ctx 8192",

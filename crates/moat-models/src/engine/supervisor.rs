@@ -200,7 +200,8 @@ impl Runner {
             .cloned()
     }
 
-    fn context_for(&self, model: &ModelToLoad) -> u32 {
+    /// The context `model` is (or would be) loaded with.
+    pub fn context_for(&self, model: &ModelToLoad) -> u32 {
         let wanted = model.context_size.unwrap_or(self.config.default_context);
         match model.context_train {
             // A configured size is taken as asked; the default never goes
