@@ -328,21 +328,6 @@ impl Daemon {
                     tail.push_back(line);
                 },
             )?;
-            let code = match end {
-                StepEnd::Exited(code) => code,
-                StepEnd::TimedOut => {
-                    // Stopping the sandbox ends the step and all it started.
-                    let _ = control::stop(&control_path, Duration::from_secs(2));
-                    let output: Vec<String> = tail.into_iter().collect();
-                    return Err(DaemonError::BadRequest(format!(
-                        "building template {template} failed at step {} ({}): it ran past its limit of {} minutes (timeout_minutes in the recipe); its last output:\n{}",
-                        i + 1,
-                        step.name,
-                        step.timeout_minutes,
-                        output.join("\n"),
-                    )));
-                }
-            };
             let blocked: Vec<String> = lock(&self.build_watch)
                 .get(&info.name)
                 .map(|f| {
@@ -352,24 +337,30 @@ impl Daemon {
                         .collect()
                 })
                 .unwrap_or_default();
-            if code != 0 || !blocked.is_empty() {
-                let why = if blocked.is_empty() {
-                    format!("it exited with {code}")
-                } else {
+            let why = match end {
+                StepEnd::Exited(0) if blocked.is_empty() => continue,
+                StepEnd::Exited(_) if !blocked.is_empty() => format!(
+                    "it reached {}, which the recipe does not list in allow_hosts (add it there if the template needs it)",
+                    blocked.join(", ")
+                ),
+                StepEnd::Exited(code) => format!("it exited with {code}"),
+                StepEnd::TimedOut => {
+                    // Stopping the sandbox ends the step and all it started.
+                    let _ = control::stop(&control_path, Duration::from_secs(2));
                     format!(
-                        "it reached {}, which the recipe does not list in allow_hosts (add it there if the template needs it)",
-                        blocked.join(", ")
+                        "it ran past its limit of {} minutes (timeout_minutes in the recipe)",
+                        step.timeout_minutes
                     )
-                };
-                let output: Vec<String> = tail.into_iter().collect();
-                return Err(DaemonError::BadRequest(format!(
-                    "building template {template} failed at step {} ({}): {why}; its last output:\n{}\n{}",
-                    i + 1,
-                    step.name,
-                    output.join("\n"),
-                    self.build_log_lines(&info.name)
-                )));
-            }
+                }
+            };
+            let output: Vec<String> = tail.into_iter().collect();
+            return Err(DaemonError::BadRequest(format!(
+                "building template {template} failed at step {} ({}): {why}; its last output:\n{}\n{}",
+                i + 1,
+                step.name,
+                output.join("\n"),
+                self.build_log_lines(&info.name)
+            )));
         }
         Ok(())
     }
