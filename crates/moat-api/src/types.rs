@@ -256,6 +256,9 @@ pub struct ExecRequest {
     pub user: Option<String>,
     pub workdir: Option<String>,
     pub tty: bool,
+    /// Without a TTY: relay the caller's stdin (`-i`); otherwise stdin is empty.
+    #[serde(default)]
+    pub interactive: bool,
     pub rows: u16,
     pub cols: u16,
     /// Start and return at once, without waiting for the exit code.

@@ -1027,20 +1027,3 @@ fn template(cmd: TemplateCmd) -> Result<i32> {
         }
     }
 }
-
-/// The caller's standard descriptors, for a process started without a
-/// terminal: stdin only with -i, and none of them for a detached process,
-/// which must not keep the caller's pipes open after the caller is gone.
-pub fn stdio_fds(interactive: bool, detach: bool) -> Result<(Vec<i32>, Option<std::fs::File>)> {
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
-    let n = null.as_raw_fd();
-    let fds = match (detach, interactive) {
-        (true, _) => vec![n, n, n],
-        (false, true) => vec![0, 1, 2],
-        (false, false) => vec![n, 1, 2],
-    };
-    Ok((fds, Some(null)))
-}

@@ -1,8 +1,10 @@
-//! Running a process in a sandbox from the caller's terminal. Without a TTY
-//! the caller's own descriptors go to the process and this only waits for the
-//! exit code. With one, the terminal's master side comes back from the
-//! sandbox; we put the caller's terminal in raw mode, copy both ways, pass
-//! window size changes on, and return the exit code.
+//! Running a process in a sandbox from the caller's terminal. The sandbox's
+//! init makes the process's standard descriptors inside the sandbox and
+//! their other ends come back: pipes without a TTY, the terminal's master
+//! side with one. We copy between them and our own stdin, stdout and stderr
+//! (none of ours ever reaches the sandbox, where a process left behind could
+//! keep reading our terminal), pass window size changes on, and return the
+//! exit code.
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -35,14 +37,103 @@ pub fn exec(mut req: ExecRequest, interactive: bool) -> Result<i32> {
         };
         return tty_session(&call, master, interactive);
     }
-    let (fds, _null) = crate::cli::stdio_fds(interactive, detach)?;
-    let call = Call::start(&Request::SandboxExec(req), &fds)?;
-    let (pid, _) = wait_started(&call)?;
+    req.interactive = interactive;
+    let call = Call::start(&Request::SandboxExec(req), &[])?;
+    let (pid, mut fds) = wait_started(&call)?;
     if detach {
         println!("{pid}");
         return Ok(0);
     }
-    wait_exited(&call)
+    let expected = 2 + usize::from(interactive);
+    if fds.len() != expected {
+        bail!("the daemon sent {} pipes, not {expected}", fds.len());
+    }
+    let stderr = fds.pop().map(std::fs::File::from);
+    let stdout = fds.pop().map(std::fs::File::from);
+    if let Some(to_process) = fds.pop() {
+        copy_stdin_to(std::fs::File::from(to_process));
+    }
+    let outputs: Vec<(std::fs::File, Box<dyn Write>)> = stdout
+        .map(|f| (f, Box::new(std::io::stdout()) as Box<dyn Write>))
+        .into_iter()
+        .chain(stderr.map(|f| (f, Box::new(std::io::stderr()) as Box<dyn Write>)))
+        .collect();
+    relay_until_exit(&call, outputs)
+}
+
+/// Copy our stdin to the process in the background; the process sees
+/// end-of-file when ours ends.
+fn copy_stdin_to(mut to_process: std::fs::File) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        let mut stdin = std::io::stdin().lock();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || to_process.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Copy each of the process's outputs to its sink until the exit code has
+/// come and the outputs are drained: at end-of-file, or after a short quiet
+/// spell, for a process that left something running in the background that
+/// holds them. A sink that fails (our stdout closed) stops being copied, and
+/// its pipe closes, as it would for the process run directly.
+fn relay_until_exit(call: &Call, mut outputs: Vec<(std::fs::File, Box<dyn Write>)>) -> Result<i32> {
+    let mut buf = [0u8; 16384];
+    let mut code = None;
+    loop {
+        if code.is_some() && outputs.is_empty() {
+            break;
+        }
+        let mut fds = vec![PollFd::new(call.conn.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            outputs
+                .iter()
+                .map(|(f, _)| PollFd::new(f.as_fd(), PollFlags::POLLIN)),
+        );
+        // Once the exit code is in, drain what the outputs still hold, briefly.
+        let timeout = if code.is_some() {
+            PollTimeout::from(100u16)
+        } else {
+            PollTimeout::NONE
+        };
+        let n = match poll(&mut fds, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("poll: {e}"),
+        };
+        if n == 0 {
+            break;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut closed = vec![];
+        for (i, (from, to)) in outputs.iter_mut().enumerate() {
+            if !ready[i + 1] {
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => closed.push(i),
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                        closed.push(i);
+                    }
+                }
+            }
+        }
+        for i in closed.into_iter().rev() {
+            outputs.remove(i);
+        }
+        if ready[0] && code.is_none() {
+            code = Some(wait_exited(call)?);
+        }
+    }
+    Ok(code.unwrap_or(0))
 }
 
 fn wait_started(call: &Call) -> Result<(i32, Vec<OwnedFd>)> {
@@ -149,48 +240,9 @@ fn tty_session(call: &Call, master: OwnedFd, interactive: bool) -> Result<i32> {
         });
     }
 
-    let mut from_master = std::fs::File::from(master);
-    let mut stdout = std::io::stdout().lock();
-    let mut buf = [0u8; 16384];
-    let mut master_open = true;
-    let mut code = None;
-    loop {
-        if code.is_some() && !master_open {
-            break;
-        }
-        let mut fds = vec![PollFd::new(call.conn.as_fd(), PollFlags::POLLIN)];
-        if master_open {
-            fds.push(PollFd::new(from_master.as_fd(), PollFlags::POLLIN));
-        }
-        // Once the exit code is in, drain what the terminal still holds, briefly.
-        let timeout = if code.is_some() {
-            PollTimeout::from(100u16)
-        } else {
-            PollTimeout::NONE
-        };
-        let n = match poll(&mut fds, timeout) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => bail!("poll: {e}"),
-        };
-        if n == 0 {
-            break;
-        }
-        let conn_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let master_ready = master_open && fds[1].revents().is_some_and(|r| !r.is_empty());
-        if master_ready {
-            match from_master.read(&mut buf) {
-                Ok(0) | Err(_) => master_open = false,
-                Ok(n) => {
-                    stdout.write_all(&buf[..n])?;
-                    stdout.flush()?;
-                }
-            }
-        }
-        if conn_ready && code.is_none() {
-            code = Some(wait_exited(call)?);
-        }
-    }
+    let outputs: Vec<(std::fs::File, Box<dyn Write>)> =
+        vec![(std::fs::File::from(master), Box::new(std::io::stdout()))];
+    let code = relay_until_exit(call, outputs);
     drop(raw);
-    Ok(code.unwrap_or(0))
+    code
 }

@@ -1,12 +1,14 @@
-//! Starting a process in a running sandbox for the CLI. The CLI's own stdin,
-//! stdout and stderr travel to the sandbox's init as descriptors, so output
-//! flows straight from the process to the caller without passing through the
-//! daemon; with a TTY, init makes the terminal inside and its master side
-//! travels back to the CLI.
+//! Starting a process in a running sandbox for the CLI. Init makes the
+//! process's standard descriptors inside the sandbox (pipes, or a terminal)
+//! and their other ends travel back through the daemon to the CLI, which
+//! relays them to its own stdin, stdout and stderr: output flows from the
+//! process to the caller without passing through the daemon, and no
+//! descriptor of the caller's ever reaches the sandbox (a process left behind
+//! could read the caller's terminal long after the command returned).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
-use moat_api::init::InitExec;
+use moat_api::init::{InitExec, InitStdio};
 use moat_api::{ExecRequest, Reply};
 use moat_sandbox::control;
 
@@ -15,18 +17,8 @@ use crate::server::Replies;
 use crate::DaemonError;
 
 impl Daemon {
-    pub fn exec(
-        &self,
-        req: ExecRequest,
-        stdio: Vec<OwnedFd>,
-        r: &Replies,
-    ) -> Result<(), DaemonError> {
+    pub fn exec(&self, req: ExecRequest, r: &Replies) -> Result<(), DaemonError> {
         let (info, control_path, agent_command) = self.exec_target(&req.name)?;
-        if !req.tty && stdio.len() != 3 {
-            return Err(DaemonError::BadRequest(
-                "exec without a TTY needs the caller's stdin, stdout and stderr".into(),
-            ));
-        }
         let argv = if req.agent {
             agent_command
                 .into_iter()
@@ -55,16 +47,24 @@ impl Daemon {
             env,
             user: req.user.clone(),
             cwd,
-            tty: req.tty,
+            stdio: if req.tty {
+                InitStdio::Tty
+            } else if req.detach {
+                InitStdio::Null
+            } else {
+                InitStdio::Pipes {
+                    stdin: req.interactive,
+                    merge_stderr: false,
+                }
+            },
             rows: req.rows,
             cols: req.cols,
         };
-        let raw: Vec<i32> = stdio.iter().map(|f| f.as_raw_fd()).collect();
-        let session = control::exec(&control_path, &exec, &raw)?;
+        let mut session = control::exec(&control_path, &exec)?;
+        let theirs: Vec<i32> = session.stdio.iter().map(|m| m.as_raw_fd()).collect();
+        r.send_with_fds(&Reply::Started { pid: session.pid }, &theirs);
         // Our copies must go, or the caller would never see end-of-file on its pipes.
-        drop(stdio);
-        let master: Vec<i32> = session.master.iter().map(|m| m.as_raw_fd()).collect();
-        r.send_with_fds(&Reply::Started { pid: session.pid }, &master);
+        session.stdio.clear();
         if req.detach {
             return Ok(());
         }

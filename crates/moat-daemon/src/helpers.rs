@@ -42,11 +42,12 @@ fn run_mapped_to(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("start {}: {e}", exe.display()))?;
-    let mapped = userns::map_child(&mut child, idmap, |_| Ok(())).and_then(|mut rest| {
-        std::io::copy(&mut rest, output)
-            .map(|_| ())
-            .map_err(moat_sandbox::SandboxError::Handshake)
-    });
+    let mapped =
+        userns::map_child(&mut child, &idmap.for_helpers(), |_| Ok(())).and_then(|mut rest| {
+            std::io::copy(&mut rest, output)
+                .map(|_| ())
+                .map_err(moat_sandbox::SandboxError::Handshake)
+        });
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);

@@ -8,6 +8,7 @@ pub mod config;
 mod exec;
 mod helpers;
 mod images;
+mod migrate;
 mod model_runner;
 mod models;
 mod network;

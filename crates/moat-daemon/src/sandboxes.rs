@@ -94,6 +94,14 @@ impl Daemon {
             fs::create_dir_all(&dir)
                 .map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
         }
+        if !rootless {
+            if let (Some(uid), Some(gid)) = (
+                idmap.host_uid(moat_sandbox::idmap::AGENT_UID),
+                idmap.host_gid(moat_sandbox::idmap::AGENT_UID),
+            ) {
+                crate::migrate::agent_ids(&paths.state, &paths.images(), uid, gid);
+            }
+        }
         let state = State::open(&paths.database())?;
         let images = ImageStore::open(&paths.images())?;
         let models = Arc::new(moat_models::store::ModelStore::open(
@@ -377,6 +385,7 @@ impl Daemon {
             .map_err(|e| DaemonError::io(format!("create {}", run_dir.display()), e))?;
         let etc = self.write_etc_files(&row.info, &run_dir, &lower_dirs)?;
         let state_dir = self.paths.sandbox_state(&id);
+        self.make_layer_dirs(&state_dir)?;
         let spec = SandboxSpec {
             id: id.clone(),
             hostname: row.info.name.clone(),
@@ -384,18 +393,10 @@ impl Daemon {
             upper_dir: state_dir.join("upper"),
             work_dir: state_dir.join("work"),
             rootfs: run_dir.join("rootfs"),
-            workspaces: row
-                .info
-                .workspaces
-                .iter()
-                .map(|w| BindMount {
-                    source: w.path.clone().into(),
-                    target: w.path.clone().into(),
-                    read_only: w.read_only,
-                })
-                .collect(),
+            workspaces: self.workspace_mounts(&row.info.workspaces)?,
             files: etc,
             no_new_privs: self.config.sandbox.no_new_privs,
+            userns_owner: self.userns_owner(&id)?,
         };
         let control = self.control_path(&id);
         let started = launch::start(&launch::Launch {
@@ -426,6 +427,49 @@ impl Daemon {
             return Err(e);
         }
         Ok(info)
+    }
+
+    /// The workspaces as init mounts them: as root, idmapped so that each
+    /// one's owner shows as the agent inside (the agent is an unprivileged
+    /// host id); rootless, plain binds.
+    fn workspace_mounts(&self, workspaces: &[Workspace]) -> Result<Vec<BindMount>, DaemonError> {
+        use std::os::unix::fs::MetadataExt;
+        workspaces
+            .iter()
+            .map(|w| {
+                let meta = fs::metadata(&w.path).map_err(|e| {
+                    DaemonError::io(
+                        format!(
+                            "workspace {} (create it again, or remove the sandbox)",
+                            w.path
+                        ),
+                        e,
+                    )
+                })?;
+                Ok(BindMount {
+                    source: w.path.clone().into(),
+                    target: w.path.clone().into(),
+                    read_only: w.read_only,
+                    idmap: self.idmap.workspace_mount(meta.uid(), meta.gid()),
+                })
+            })
+            .collect()
+    }
+
+    /// As root, the host id that owns the sandbox's user namespace: one of
+    /// its own, above the range that ids inside map to, so that what the
+    /// kernel counts per user (inotify instances, …) is counted per sandbox
+    /// and never against host root. None rootless (the namespace is the
+    /// caller's), and where this kernel lets only root make user namespaces.
+    fn userns_owner(&self, id: &str) -> Result<Option<u32>, DaemonError> {
+        if self.idmap.rootless || !unprivileged_userns_allowed() {
+            return Ok(None);
+        }
+        let slot = lock(&self.state).slot(id)?;
+        let base = self.config.sandbox.uid_base;
+        Ok(base
+            .checked_add(moat_sandbox::idmap::RANGE)
+            .and_then(|b| b.checked_add(slot % 1_000_000)))
     }
 
     /// The daemon's side of a running sandbox, after a start or an adoption:
@@ -486,6 +530,27 @@ impl Daemon {
         Ok(())
     }
 
+    /// As root, the sandbox's own layer and overlayfs's work directory,
+    /// owned by the sandbox's root (a host id of its range) as if it had made
+    /// them: init mounts the overlay before it has that id. Rootless, init
+    /// makes them inside.
+    fn make_layer_dirs(&self, state_dir: &Path) -> Result<(), DaemonError> {
+        if self.idmap.rootless {
+            return Ok(());
+        }
+        let uid = self.idmap.host_uid(0).map(nix::unistd::Uid::from_raw);
+        let gid = self.idmap.host_gid(0).map(nix::unistd::Gid::from_raw);
+        for dir in [state_dir.join("upper"), state_dir.join("work")] {
+            match fs::DirBuilder::new().mode(0o755).create(&dir) {
+                Ok(()) => nix::unistd::chown(&dir, uid, gid)
+                    .map_err(|e| DaemonError::io(format!("chown {}", dir.display()), e.into()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(DaemonError::io(format!("create {}", dir.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Files the sandbox gets from the daemon, bound read-only: its name in
     /// `/etc`, and its CA in the trust store (alone, and appended to the
     /// image's bundle).
@@ -533,6 +598,7 @@ impl Daemon {
                 source: path,
                 target: PathBuf::from(target),
                 read_only: true,
+                idmap: None,
             });
         }
         Ok(binds)
@@ -930,4 +996,13 @@ mod tests {
         assert!(process_start_time(std::process::id() as i32).is_some());
         assert_eq!(process_start_time(-5), None);
     }
+}
+
+/// Whether an unprivileged process may make a user namespace here: Debian's
+/// `kernel.unprivileged_userns_clone` and Ubuntu's AppArmor switch can forbid it.
+fn unprivileged_userns_allowed() -> bool {
+    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() != Some("0")
+        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() != Some("1")
+        && read("/proc/sys/user/max_user_namespaces").as_deref() != Some("0")
 }

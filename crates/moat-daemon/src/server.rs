@@ -157,7 +157,7 @@ fn dispatch(
         Request::SandboxCreate(c) => to_value(daemon.create(c, r)?),
         Request::SandboxEnsure(c) => to_value(daemon.ensure(c, r)?),
         Request::SandboxStart { name } => to_value(daemon.start_by_name(&name, r)?),
-        Request::SandboxExec(e) => daemon.exec(e, fds, r).map(|_| None),
+        Request::SandboxExec(e) => daemon.exec(e, r).map(|_| None),
         Request::SandboxList => to_value(daemon.list()?),
         Request::SandboxInspect { name } => to_value(daemon.inspect(&name)?),
         Request::SandboxStop { name } => to_value(daemon.stop(&name)?),

@@ -118,6 +118,19 @@ impl State {
         }
     }
 
+    /// A number that no other sandbox in the state has while this one
+    /// exists (SQLite's rowid), for per-sandbox host ids.
+    pub fn slot(&self, id: &str) -> Result<u32, DaemonError> {
+        self.conn
+            .query_row(
+                "SELECT rowid FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u32)
+            .map_err(db_err)
+    }
+
     pub fn set_phase(
         &mut self,
         id: &str,

@@ -10,12 +10,11 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use moat_api::init::InitExec;
+use moat_api::init::{InitExec, InitStdio};
 use moat_api::{CreateSandbox, SandboxInfo};
 use moat_gateway::{Action, LogEntry, Policy, Rule};
 use moat_images::layered::{self, Embedded, LayeredRecipe};
@@ -254,7 +253,12 @@ impl Daemon {
             agent: "shell".into(),
             template: None,
             workspaces: vec![files.path().display().to_string()],
-            limits: Default::default(),
+            // A recipe's steps are moat's own, not an agent's: they may use
+            // every core (installs are what a first sandbox waits for).
+            limits: moat_api::LimitsRequest {
+                cpus: Some(std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)),
+                ..Default::default()
+            },
             pull_template: None,
         };
         lock(&self.build_watch).insert(sandbox.clone(), Fetched::new());
@@ -295,10 +299,6 @@ impl Daemon {
                 recipe.steps.len(),
                 step.name
             ));
-            let (out_read, out_write) =
-                nix::unistd::pipe().map_err(|e| DaemonError::io("make a pipe", e.into()))?;
-            let null =
-                fs::File::open("/dev/null").map_err(|e| DaemonError::io("open /dev/null", e))?;
             let exec = InitExec {
                 argv: ["bash", "-euo", "pipefail", "-c", step.run.as_str()]
                     .iter()
@@ -307,13 +307,20 @@ impl Daemon {
                 env: self.sandbox_env(),
                 user: Some(step.user.clone()),
                 cwd: Some(dir.display().to_string()),
-                tty: false,
+                stdio: InitStdio::Pipes {
+                    stdin: false,
+                    merge_stderr: true,
+                },
                 rows: 0,
                 cols: 0,
             };
-            let w = out_write.as_raw_fd();
-            let session = control::exec(&control_path, &exec, &[null.as_raw_fd(), w, w])?;
-            drop(out_write);
+            let mut session = control::exec(&control_path, &exec)?;
+            let out_read = session.stdio.pop().ok_or_else(|| {
+                DaemonError::io(
+                    "read a step's output",
+                    std::io::Error::other("no pipe came back"),
+                )
+            })?;
             let mut tail = VecDeque::new();
             let limit = Duration::from_secs(step.timeout_minutes.saturating_mul(60));
             let end = step_output::follow(

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use moat_api::init::{InitExec, InitReply, InitRequest};
+use moat_api::init::{InitExec, InitReply, InitRequest, InitStdio};
 use moat_api::{recv_frame, send_frame};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrStorage};
 
@@ -86,8 +86,9 @@ pub fn ping(path: &Path) -> Result<(), SandboxError> {
 pub struct ExecSession {
     conn: UnixStream,
     pub pid: i32,
-    /// The terminal's master side, when a TTY was asked for.
-    pub master: Option<OwnedFd>,
+    /// The caller's ends of the process's standard descriptors, as
+    /// [`InitStdio`] orders them: a terminal's master side, or pipes.
+    pub stdio: Vec<OwnedFd>,
 }
 
 impl ExecSession {
@@ -112,24 +113,30 @@ impl ExecSession {
     }
 }
 
-/// Start a process; without a TTY, `stdio` are its stdin, stdout and stderr.
-pub fn exec(path: &Path, exec: &InitExec, stdio: &[i32]) -> Result<ExecSession, SandboxError> {
-    let (conn, reply, mut fds) = ask(path, &InitRequest::Exec(exec.clone()), stdio)?;
+/// Start a process. Its standard descriptors are made by init inside the
+/// sandbox, as `exec.stdio` says; their caller's ends come back, checked.
+pub fn exec(path: &Path, exec: &InitExec) -> Result<ExecSession, SandboxError> {
+    let (conn, reply, stdio) = ask(path, &InitRequest::Exec(exec.clone()), &[])?;
     let InitReply::Started { pid } = reply else {
         return Err(SandboxError::Protocol(format!(
             "expected started, got {reply:?}"
         )));
     };
-    let master = if exec.tty {
-        let fd = fds
-            .pop()
-            .ok_or_else(|| SandboxError::Protocol("no terminal came back".into()))?;
-        check_is_pty_master(&fd)?;
-        Some(fd)
-    } else {
-        None
-    };
-    Ok(ExecSession { conn, pid, master })
+    if stdio.len() != exec.stdio.returned() {
+        return Err(SandboxError::Protocol(format!(
+            "expected {} descriptors, got {}",
+            exec.stdio.returned(),
+            stdio.len()
+        )));
+    }
+    for fd in &stdio {
+        match exec.stdio {
+            InitStdio::Tty => check_is_pty_master(fd)?,
+            InitStdio::Pipes { .. } => check_is_pipe(fd)?,
+            InitStdio::Null => {}
+        }
+    }
+    Ok(ExecSession { conn, pid, stdio })
 }
 
 /// Ask init to end everything and exit.
@@ -204,6 +211,14 @@ fn check_is_pty_master(fd: &OwnedFd) -> Result<(), SandboxError> {
     // SAFETY: TIOCGPTN writes an int; it succeeds only on a pseudo-terminal master.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGPTN, &mut n) } != 0 {
         return Err(refuse("a terminal that is not a pseudo-terminal master"));
+    }
+    Ok(())
+}
+
+fn check_is_pipe(fd: &OwnedFd) -> Result<(), SandboxError> {
+    let meta = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|_| refuse("a bad descriptor"))?;
+    if meta.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(refuse("a descriptor that is not a pipe"));
     }
     Ok(())
 }

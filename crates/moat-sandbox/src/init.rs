@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use moat_api::init::{InitExec, InitReply, InitRequest};
+use moat_api::init::{InitExec, InitReply, InitRequest, InitStdio};
 use moat_api::{recv_frame, send_frame};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -28,9 +28,11 @@ use crate::{mounts, pty, seccomp, userns, SandboxError};
 /// The descriptor on which init finds its control socket's listener.
 pub const CONTROL_FD: RawFd = 3;
 
-/// Capabilities that root inside keeps (Docker's default set); every other is
-/// dropped from the bounding set, so not even `sudo` gets it back.
-const KEPT_CAPS: &[u32] = &[0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31];
+/// Capabilities that root inside keeps (Docker's default set, less
+/// CAP_SETFCAP: a file capability written into a workspace would be honoured
+/// by the host); every other is dropped from the bounding set, so not even
+/// `sudo` gets it back.
+const KEPT_CAPS: &[u32] = &[0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29];
 
 /// Entry point of the `__sandbox-init` role. Reads the spec from stdin, then
 /// does the user-namespace handshake with the daemon on stdin and stdout.
@@ -52,6 +54,16 @@ fn setup_and_fork() -> Result<(), SandboxError> {
         .map_err(SandboxError::Handshake)?;
     let spec: SandboxSpec = serde_json::from_str(&line)
         .map_err(|e| SandboxError::Start(format!("bad sandbox spec: {e}")))?;
+    // As root, the host's paths are reached now, as the host's root: the
+    // sandbox's ids are unprivileged host ids (see mounts::HostMounts).
+    let early = if Uid::effective().is_root() {
+        Some(mounts::open_host_mounts(&spec)?)
+    } else {
+        None
+    };
+    if let Some(owner) = spec.userns_owner {
+        become_owner(owner)?;
+    }
     userns::become_root_in_new_userns()?;
     unshare(
         CloneFlags::CLONE_NEWNS
@@ -62,6 +74,10 @@ fn setup_and_fork() -> Result<(), SandboxError> {
             | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(|e| SandboxError::sys("unshare(namespaces)", e))?;
+    let host = match early {
+        Some(host) => host,
+        None => mounts::open_host_mounts(&spec)?,
+    };
     let _ = io::stdout().flush();
     // CLONE_PARENT makes init the daemon's child rather than ours, so that the
     // daemon reaps it and this process can exit now.
@@ -79,7 +95,7 @@ fn setup_and_fork() -> Result<(), SandboxError> {
     match pid {
         -1 => Err(SandboxError::sys("clone", Errno::last())),
         0 => {
-            let code = match run_init(&spec) {
+            let code = match run_init(&spec, host) {
                 Ok(never) => match never {},
                 Err(e) => {
                     println!("error: {e}");
@@ -97,8 +113,18 @@ fn setup_and_fork() -> Result<(), SandboxError> {
 
 enum Never {}
 
-fn run_init(spec: &SandboxSpec) -> Result<Never, SandboxError> {
-    mounts::build_root(spec)?;
+/// Drop the host's root for `owner`, who then owns the user namespace we
+/// make next (see [`SandboxSpec::userns_owner`]).
+fn become_owner(owner: u32) -> Result<(), SandboxError> {
+    nix::unistd::setgroups(&[]).map_err(|e| SandboxError::sys("setgroups", e))?;
+    let gid = nix::unistd::Gid::from_raw(owner);
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| SandboxError::sys("setresgid", e))?;
+    let uid = Uid::from_raw(owner);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| SandboxError::sys("setresuid", e))
+}
+
+fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, SandboxError> {
+    mounts::build_root(spec, host)?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
     loopback_up()?;
     // SAFETY: the daemon passed the listener as descriptor 3 and nothing else owns it.
@@ -183,7 +209,9 @@ struct Init {
 impl Init {
     fn serve(&mut self, conn: UnixStream) {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let Ok((req, fds)) = recv_frame::<InitRequest>(&conn) else {
+        // Descriptors that arrive with a request are dropped unread: every
+        // descriptor a sandboxed process gets is made here, inside.
+        let Ok((req, _)) = recv_frame::<InitRequest>(&conn) else {
             return;
         };
         match req {
@@ -204,9 +232,9 @@ impl Init {
                     &[],
                 ),
             },
-            InitRequest::Exec(exec) => match spawn(&exec, fds) {
-                Ok((pid, master)) => {
-                    let fds: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
+            InitRequest::Exec(exec) => match spawn(&exec) {
+                Ok((pid, theirs)) => {
+                    let fds: Vec<RawFd> = theirs.iter().map(|m| m.as_raw_fd()).collect();
                     reply(&conn, &InitReply::Started { pid }, &fds);
                     self.sessions.insert(pid, conn);
                 }
@@ -468,7 +496,7 @@ fn environment(user: &User, exec: &InitExec) -> Vec<String> {
                 .unwrap_or_default(),
         ),
     ];
-    if exec.tty {
+    if exec.tty() {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
     for kv in &exec.env {
@@ -496,8 +524,66 @@ fn find_program(argv0: &str, env: &[String]) -> Option<String> {
         })
 }
 
-/// Start `exec` and return its pid and, with a TTY, the terminal's master side.
-fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), String> {
+/// The standard descriptors of a process about to start: the child's
+/// three (`None` is `/dev/null`) and the caller's ends, in the order
+/// [`InitStdio`] gives.
+struct Stdio {
+    child: [Option<OwnedFd>; 3],
+    /// The terminal's slave path, which the child opens as its controlling terminal.
+    slave: Option<String>,
+    theirs: Vec<OwnedFd>,
+}
+
+fn make_stdio(exec: &InitExec) -> Result<Stdio, String> {
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+    };
+    Ok(match exec.stdio {
+        InitStdio::Null => Stdio {
+            child: [None, None, None],
+            slave: None,
+            theirs: vec![],
+        },
+        InitStdio::Tty => {
+            let p = pty::open(exec.rows, exec.cols).map_err(|e| e.to_string())?;
+            Stdio {
+                child: [None, None, None],
+                slave: Some(p.slave_path),
+                theirs: vec![p.master],
+            }
+        }
+        InitStdio::Pipes {
+            stdin,
+            merge_stderr,
+        } => {
+            let mut theirs = vec![];
+            let child_in = if stdin {
+                let (r, w) = pipe()?;
+                theirs.push(w);
+                Some(r)
+            } else {
+                None
+            };
+            let (out_r, out_w) = pipe()?;
+            theirs.push(out_r);
+            let child_err = if merge_stderr {
+                out_w.try_clone().map_err(|e| format!("dup: {e}"))?
+            } else {
+                let (err_r, err_w) = pipe()?;
+                theirs.push(err_r);
+                err_w
+            };
+            Stdio {
+                child: [child_in, Some(out_w), Some(child_err)],
+                slave: None,
+                theirs,
+            }
+        }
+    })
+}
+
+/// Start `exec` and return its pid and the caller's ends of its standard descriptors.
+fn spawn(exec: &InitExec) -> Result<(i32, Vec<OwnedFd>), String> {
     if exec.argv.is_empty() {
         return Err("no command given".into());
     }
@@ -506,11 +592,7 @@ fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), S
     let program = find_program(&exec.argv[0], &env)
         .ok_or_else(|| format!("{}: executable file not found in $PATH", exec.argv[0]))?;
     let cwd = exec.cwd.clone().unwrap_or_else(|| user.home.clone());
-    let pty = if exec.tty {
-        Some(pty::open(exec.rows, exec.cols).map_err(|e| e.to_string())?)
-    } else {
-        None
-    };
+    let stdio = make_stdio(exec)?;
 
     let to_c = |s: &str| CString::new(s).map_err(|_| format!("argument with a NUL byte: {s:?}"));
     let c_program = to_c(&program)?;
@@ -521,7 +603,7 @@ fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), S
         .collect::<Result<Vec<_>, _>>()?;
     let c_env = env.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
     let c_cwd = to_c(&cwd)?;
-    let c_slave = pty.as_ref().map(|p| to_c(&p.slave_path)).transpose()?;
+    let c_slave = stdio.slave.as_deref().map(to_c).transpose()?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
 
@@ -532,7 +614,7 @@ fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), S
             drop(err_r);
             let stage = child_exec(
                 &user,
-                &fds,
+                &stdio.child,
                 c_slave.as_ref(),
                 &c_cwd,
                 &c_program,
@@ -547,11 +629,14 @@ fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), S
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(err_w);
-            drop(fds);
+            let Stdio { child: ours, theirs, .. } = stdio;
+            // The child's ends must close here, or the caller would never
+            // see end-of-file on its pipes.
+            drop(ours);
             let mut msg = String::new();
             let _ = io::Read::read_to_string(&mut std::fs::File::from(err_r), &mut msg);
             if msg.is_empty() {
-                return Ok((child.as_raw(), pty.map(|p| p.master)));
+                return Ok((child.as_raw(), theirs));
             }
             let _ = waitpid(child, None);
             let (stage, errno) = msg.split_once(':').unwrap_or((msg.as_str(), "0"));
@@ -569,7 +654,7 @@ fn spawn(exec: &InitExec, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), S
 /// Returns only on failure, naming the step that failed.
 fn child_exec(
     user: &User,
-    fds: &[OwnedFd],
+    fds: &[Option<OwnedFd>; 3],
     slave: Option<&CString>,
     cwd: &CString,
     program: &CString,
@@ -596,12 +681,15 @@ fn child_exec(
             unsafe { libc::dup2(fd, target) };
         }
     } else {
-        // Descriptors received from the daemon may sit at 0..2 already; move
-        // them above first so that dup2 never clobbers one before it is used.
+        // A pipe may sit at 0..2 already; move them all above first so that
+        // dup2 never clobbers one before it is used.
         let moved: Vec<RawFd> = fds
             .iter()
-            // SAFETY: F_DUPFD_CLOEXEC on descriptors we hold.
-            .map(|fd| unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) })
+            .map(|fd| match fd {
+                // SAFETY: F_DUPFD_CLOEXEC on a descriptor we hold.
+                Some(fd) => unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) },
+                None => -1,
+            })
             .collect();
         for target in 0..3 {
             let src = match moved.get(target as usize) {

@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod control;
 pub mod idmap;
+mod detached;
 pub mod init;
 pub mod launch;
 mod mounts;

@@ -7,6 +7,7 @@
 
 use std::ffi::CString;
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -28,7 +29,17 @@ const PROC_MASKED_FILES: &[&str] = &[
     "kallsyms",
 ];
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "driver"];
-const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
+const PROC_READ_ONLY: &[&str] = &[
+    "sys",
+    "sysrq-trigger",
+    "irq",
+    "bus",
+    "fs",
+    // Init's OOM score: a sandbox that raised it would make the kernel pick
+    // init, and with it the whole sandbox, first when memory runs short.
+    "1/oom_score_adj",
+    "1/oom_adj",
+];
 const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 fn m(
@@ -46,8 +57,60 @@ fn m(
     })
 }
 
-/// Build the root file system at `spec.rootfs` and make it `/`.
-pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
+/// The host's part of a sandbox's root file system, as detached mounts:
+/// the overlay of the image's layers and the sandbox's own layer, the
+/// workspaces (idmapped where the spec says so) and the daemon's files.
+///
+/// They are made where init can still reach the host's paths: as root,
+/// before it leaves the host's user namespace (the sandbox's ids are
+/// unprivileged host ids that may not even traverse the state root); rootless,
+/// in its new namespaces, where the caller's own files are as reachable as
+/// before. Nothing is attached anywhere until [`build_root`], in the
+/// sandbox's own mount namespace.
+pub struct HostMounts {
+    overlay: OwnedFd,
+    workspaces: Vec<OwnedFd>,
+    files: Vec<OwnedFd>,
+}
+
+/// Make the detached mounts, and move into the directory that holds
+/// `spec.rootfs`: the working directory is how [`build_root`] finds it from
+/// inside (it follows a process into a new mount namespace; a path from the
+/// host's root may not be open to the sandbox's ids).
+pub fn open_host_mounts(spec: &SandboxSpec) -> Result<HostMounts, SandboxError> {
+    // Rootless, made here as the sandbox's root, so that `/` inside belongs
+    // to root; as root, the daemon made them for the sandbox's root already.
+    mkdir(&spec.upper_dir, 0o755)?;
+    mkdir(&spec.work_dir, 0o755)?;
+    let overlay = crate::detached::overlay(&spec.lower_dirs, &spec.upper_dir, &spec.work_dir)?;
+    let workspaces = spec
+        .workspaces
+        .iter()
+        .map(|ws| match &ws.idmap {
+            Some(map) => crate::detached::tree(&ws.source, map),
+            None => crate::detached::clone_tree(&ws.source, true),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let files = spec
+        .files
+        .iter()
+        .map(|f| crate::detached::clone_tree(&f.source, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    let parent = spec
+        .rootfs
+        .parent()
+        .ok_or_else(|| SandboxError::Start("the root file system's path has no parent".into()))?;
+    chdir(parent).map_err(|e| SandboxError::sys(format!("chdir {}", parent.display()), e))?;
+    Ok(HostMounts {
+        overlay,
+        workspaces,
+        files,
+    })
+}
+
+/// Put the root file system together in the sandbox's mount namespace from
+/// `host` and the kernel's own file systems, and make it `/`.
+pub fn build_root(spec: &SandboxSpec, host: HostMounts) -> Result<(), SandboxError> {
     // Nothing we mount from here on may propagate back to the host.
     m(
         None,
@@ -56,42 +119,25 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), SandboxError> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
-
-    // Made here, as the sandbox's root, so that `/` inside belongs to root
-    // also when the daemon is rootless and cannot chown to a subordinate id.
-    mkdir(&spec.upper_dir, 0o755)?;
-    mkdir(&spec.work_dir, 0o755)?;
-    let root = spec.rootfs.as_path();
-    let lower: Vec<String> = spec
-        .lower_dirs
-        .iter()
-        .rev()
-        .map(|p| p.display().to_string())
-        .collect();
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={},userxattr",
-        lower.join(":"),
-        spec.upper_dir.display(),
-        spec.work_dir.display()
-    );
-    m(
-        Some("overlay"),
-        root,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(&data),
-    )?;
+    let name = spec
+        .rootfs
+        .file_name()
+        .ok_or_else(|| SandboxError::Start("the root file system's path has no name".into()))?;
+    crate::detached::attach(&host.overlay, Path::new(name))?;
+    chdir(Path::new(name)).map_err(|e| SandboxError::sys("chdir into the new root", e))?;
+    let root = Path::new(".");
 
     mount_proc(root)?;
     mount_sys(root)?;
     mount_dev(root)?;
-    for ws in &spec.workspaces {
-        bind(root, ws, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+    for (ws, tree) in spec.workspaces.iter().zip(&host.workspaces) {
+        bind(root, ws, tree, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     }
-    for file in &spec.files {
+    for (file, tree) in spec.files.iter().zip(&host.files) {
         bind(
             root,
             file,
+            tree,
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         )?;
     }
@@ -206,20 +252,15 @@ fn mount_dev(root: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-fn bind(root: &Path, b: &BindMount, extra: MsFlags) -> Result<(), SandboxError> {
-    let kind = if b.source.is_dir() {
-        Kind::Dir
-    } else {
-        Kind::File
-    };
+/// Attach `tree`, the detached mount of `b`'s host path, at `b`'s target under `root`.
+fn bind(root: &Path, b: &BindMount, tree: &OwnedFd, extra: MsFlags) -> Result<(), SandboxError> {
+    // What the tree is, from the tree itself: its host path may be out of
+    // the sandbox's ids' reach.
+    let is_dir = nix::sys::stat::fstat(tree.as_raw_fd())
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+    let kind = if is_dir { Kind::Dir } else { Kind::File };
     let target = prepare(root, &b.target.display().to_string(), kind)?;
-    m(
-        Some(&b.source.display().to_string()),
-        &target,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
+    crate::detached::attach(tree, &target)?;
     let mut attrs = 0;
     if extra.contains(MsFlags::MS_NOSUID) {
         attrs |= MOUNT_ATTR_NOSUID;

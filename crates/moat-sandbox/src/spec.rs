@@ -21,6 +21,13 @@ pub struct SandboxSpec {
     pub files: Vec<BindMount>,
     /// Set `no_new_privs` on every process; this disables the template's `sudo`.
     pub no_new_privs: bool,
+    /// As root: the unprivileged host uid (and gid) that owns the sandbox's
+    /// user namespace. Per-user kernel resources that the namespace's
+    /// processes use (inotify instances and watches, and the like) are
+    /// counted against its owner, so a sandbox owned by root could exhaust
+    /// them for host root and every other sandbox.
+    #[serde(default)]
+    pub userns_owner: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,4 +37,7 @@ pub struct BindMount {
     /// The path inside the sandbox.
     pub target: PathBuf,
     pub read_only: bool,
+    /// Mount it idmapped, so that its owner's files show as the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idmap: Option<crate::idmap::MountIdMap>,
 }

@@ -1,0 +1,273 @@
+//! Attacks on the sandbox's walls that an outside attack found open ("Hold
+//! the boundary"), each run from inside a real sandbox against the real
+//! daemon, as the agent and as the sandbox's root (the template's
+//! passwordless sudo). Each asserts that the attack fails the way it must and
+//! that the host is as it was: whatever an attack planted is removed.
+//!
+//! The rootless variants live in `rootless.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The default `uid_base` of a root daemon: every id inside maps above it.
+const UID_BASE: u32 = 1_000_000_000;
+
+fn host_python(code: &str) -> String {
+    let out = Command::new("python3").args(["-c", code]).output().unwrap();
+    text(&out.stdout).trim().to_string() + &text(&out.stderr)
+}
+
+/// Item 1: a v3 `security.capability` whose root id is the agent's was a
+/// capability for host root. Root inside no longer holds CAP_SETFCAP, and
+/// the agent is no longer host root.
+#[test]
+fn no_file_capability_reaches_the_workspace_and_the_agent_is_not_host_root() {
+    let sb = Sandbox::new("fcap");
+    let ws = sb.ws().to_str().unwrap().to_string();
+    let out = sb.sh(&format!(
+        r#"cp /usr/bin/python3 {ws}/capfile && sudo python3 -c 'import os,struct
+try:
+    os.setxattr("{ws}/capfile","security.capability",struct.pack("<IIIIII",0x03000001,(1<<7)|(1<<6),0,0,0,1000))
+    print("SET")
+except OSError as e:
+    print("ERRNO", e.errno)
+for v in (2, 3):
+    try:
+        os.setxattr("{ws}/capfile","security.capability",struct.pack("<IIIII",0x02000001 if v == 2 else 0x03000001,1<<7,0,0,0) + (b"" if v == 2 else struct.pack("<I", 0)))
+        print("SET")
+    except OSError as e:
+        print("ERRNO", e.errno)
+'"#
+    ));
+    let said = text(&out.stdout);
+    let capfile = sb.ws().join("capfile");
+    let on_host = host_python(&format!(
+        "import os\ntry:\n print(os.getxattr('{}', 'security.capability'))\nexcept OSError as e:\n print('ENODATA' if e.errno == 61 else e.errno)",
+        capfile.display()
+    ));
+    let _ = std::fs::remove_file(&capfile);
+    assert_eq!(said.lines().collect::<Vec<_>>(), ["ERRNO 1"; 3], "{said}{}", text(&out.stderr));
+    assert_eq!(on_host, "ENODATA");
+
+    // Every process inside runs as an unprivileged host id, the agent's too.
+    moat_ok(&["sandbox", "exec", "-d", &sb.name, "sleep", "30"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let pids = pids_in_sandbox(sb.init_pid());
+    assert!(pids.len() >= 2, "no sleep in the sandbox: {pids:?}");
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        for line in status.lines().filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:")) {
+            for id in line.split_whitespace().skip(1) {
+                let id: u32 = id.parse().unwrap();
+                assert!(id >= UID_BASE, "pid {pid} runs as host id {id}: {line}");
+            }
+        }
+    }
+}
+
+/// What the agent and the sandbox's root write in a workspace belongs to
+/// the workspace's owner and to an unprivileged id respectively, never to
+/// host root; the agent still owns the owner's files inside.
+#[test]
+fn workspace_files_belong_to_its_owner_and_never_to_host_root() {
+    let sb = Sandbox::new("owner");
+    std::os::unix::fs::chown(sb.ws(), Some(4242), Some(4343)).unwrap();
+    std::fs::write(sb.ws().join("mine"), b"x").unwrap();
+    std::os::unix::fs::chown(sb.ws().join("mine"), Some(4242), Some(4343)).unwrap();
+    // A running sandbox keeps the mount it started with: start it again.
+    moat_ok(&["sandbox", "stop", &sb.name]);
+    moat_ok(&["sandbox", "run", &sb.name, "--", "-c", "true"]);
+    let ws = sb.ws().to_str().unwrap().to_string();
+    let out = sb.sh(&format!(
+        "stat -c '%U %u' {ws}/mine && echo a > {ws}/by-agent && sudo sh -c 'echo r > {ws}/by-root'"
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "agent 1000");
+    let ids = |name: &str| {
+        let m = std::fs::metadata(sb.ws().join(name)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(ids("by-agent"), (4242, 4343));
+    assert_eq!(ids("by-root"), (UID_BASE, UID_BASE));
+}
+
+/// Item 2: `O_TMPFILE` made a file with a set-id mode without `O_CREAT`.
+#[test]
+fn no_set_id_file_through_o_tmpfile() {
+    let sb = Sandbox::new("tmpfile");
+    let ws = sb.ws().to_str().unwrap().to_string();
+    for root in [false, true] {
+        let out = python_in_sandbox(
+            &sb,
+            &format!(
+                r#"import os, ctypes
+l = ctypes.CDLL(None, use_errno=True)
+for mode in (0o6755, 0o4755, 0o2755):
+    try:
+        fd = os.open("{ws}", 0o20000000 | os.O_DIRECTORY | os.O_WRONLY, mode)
+        r = l.linkat(-100, b"/proc/self/fd/%d" % fd, -100, b"{ws}/planted-%o" % mode, 0x400)
+        print("MADE", r)
+    except OSError as e:
+        print("ERRNO", e.errno)
+"#
+            ),
+            root,
+        );
+        let said = text(&out.stdout);
+        let planted: Vec<_> = std::fs::read_dir(sb.ws())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("planted"))
+            .map(|e| (e.path(), e.metadata().unwrap().mode()))
+            .collect();
+        for (p, _) in &planted {
+            let _ = std::fs::remove_file(p);
+        }
+        assert_eq!(said.lines().collect::<Vec<_>>(), ["ERRNO 1"; 3], "{said}{}", text(&out.stderr));
+        assert!(planted.iter().all(|(_, m)| m & 0o6000 == 0), "{planted:?}");
+    }
+}
+
+/// Item 3: `exec` without `-t` handed the caller's terminal to the sandbox,
+/// where a process left behind read what was typed into it later.
+#[test]
+fn exec_hands_no_host_descriptor_and_a_process_left_behind_reads_nothing_typed_later() {
+    let sb = Sandbox::new("tty");
+    let ws = sb.ws().to_str().unwrap().to_string();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    // A process that outlives the command, keeping the descriptors it was
+    // given, reads them after the command has returned.
+    let script = format!(
+        r#"python3 -c '
+import os, time
+open("{ws}/fds", "w").write("".join(os.readlink("/proc/self/fd/%d" % fd) + "\n" for fd in (0, 1, 2)))
+if os.fork() == 0:
+    os.setsid()
+    time.sleep(2)
+    got = b""
+    for fd in (0, 1, 2):
+        try:
+            got += os.read(fd, 100)
+        except OSError as e:
+            got += b"E%d " % e.errno
+    open("{ws}/stolen2", "wb").write(got)
+'
+echo done"#
+    );
+    let mut cmd = moat_cmd();
+    cmd.args(["sandbox", "exec", &sb.name, "sh", "-c", &script])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    let status = cmd.status().unwrap();
+    assert!(status.success());
+    // Typed into the host's terminal after the command returned.
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(b"hunter2\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sb.ws().join("stolen2").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let fds = std::fs::read_to_string(sb.ws().join("fds")).unwrap();
+    let stolen = std::fs::read(sb.ws().join("stolen2")).unwrap_or_default();
+    for line in fds.lines() {
+        assert!(
+            line.starts_with("pipe:[") || line == "/dev/null",
+            "a sandboxed process holds {line}"
+        );
+    }
+    assert!(
+        !String::from_utf8_lossy(&stolen).contains("hunter2"),
+        "read from the host's terminal: {stolen:?}"
+    );
+    // Our terminal got the output, and nothing typed was eaten.
+    let mut buf = [0u8; 4096];
+    let fd = master.as_raw_fd();
+    // SAFETY: plain fcntl on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    let n = master.read(&mut buf).unwrap_or(0);
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("done"));
+}
+
+/// Item 8: inotify instances of every sandbox counted against host root's
+/// limit (root owned the sandboxes' user namespaces).
+#[test]
+fn a_sandbox_cannot_use_up_inotify_for_the_host_or_another_sandbox() {
+    let a = Sandbox::new("inotify-a");
+    let b = Sandbox::new("inotify-b");
+    // Several ids inside, each taking all it can, and holding them.
+    let hog = r#"import ctypes, os, time
+l = ctypes.CDLL(None)
+n = 0
+for uid in (0, 1000, 2000, 3000):
+    if os.fork() == 0:
+        os.setuid(uid)
+        k = 0
+        while l.inotify_init() >= 0:
+            k += 1
+        open("/tmp/hog-%d" % uid, "w").write(str(k))
+        time.sleep(60)
+        os._exit(0)
+time.sleep(60)
+"#;
+    let path = a.ws().join("hog.py");
+    std::fs::write(&path, hog).unwrap();
+    moat_ok(&[
+        "sandbox", "exec", "-d", "-u", "root", &a.name, "python3",
+        path.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let counts = loop {
+        let out = a.root_sh("cat /tmp/hog-0 /tmp/hog-1000 /tmp/hog-2000 /tmp/hog-3000 2>/dev/null | wc -l");
+        if text(&out.stdout).trim() == "0" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(300));
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        break text(&a.root_sh("cat /tmp/hog-*; echo").stdout);
+    };
+    // The host's root can still watch files.
+    // SAFETY: plain syscalls; the descriptor is closed at once.
+    let fd = unsafe { libc::inotify_init() };
+    let host_errno = std::io::Error::last_os_error();
+    if fd >= 0 {
+        // SAFETY: we own fd.
+        unsafe { libc::close(fd) };
+    }
+    // And so can another sandbox.
+    let other = python_in_sandbox(
+        &b,
+        "import ctypes\nprint(ctypes.CDLL(None).inotify_init() >= 0)",
+        false,
+    );
+    assert!(fd >= 0, "host root's inotify_init failed ({host_errno}) while a sandbox held {counts}");
+    assert_eq!(text(&other.stdout).trim(), "True", "{}", text(&other.stderr));
+}
+
+/// Weaker items: init's OOM score cannot be raised (the kernel would pick
+/// the whole sandbox first), and a sandbox has a CPU limit by default.
+#[test]
+fn init_keeps_its_oom_score_and_a_default_cpu_limit_applies() {
+    let sb = Sandbox::new("oom");
+    let before = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", sb.init_pid())).unwrap();
+    let out = sb.root_sh("echo 1000 > /proc/1/oom_score_adj; echo 15 > /proc/1/oom_adj; cat /proc/1/oom_score_adj");
+    let after = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", sb.init_pid())).unwrap();
+    assert_eq!(before, after, "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("Read-only file system"), "{}", text(&out.stderr));
+
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let expected = cores.saturating_sub(1).max(1) as f64;
+    let limits = &sb.inspect()["limits"];
+    assert_eq!(limits["cpus"].as_f64(), Some(expected), "{limits}");
+}
