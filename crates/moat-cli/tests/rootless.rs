@@ -217,3 +217,54 @@ fn an_unprivileged_user_saves_a_sandbox_with_files_only_its_root_can_read() {
         text(&out.stderr)
     );
 }
+
+/// The attacks of "Hold the boundary" that apply without root: a file
+/// capability or a set-id file (through `O_TMPFILE` too) planted in the
+/// workspace, and the caller's descriptors reaching the sandbox.
+#[test]
+fn a_rootless_sandbox_plants_no_capability_or_set_id_file_and_holds_no_caller_descriptor() {
+    let r = Rootless::setup();
+    let ws = r.dir.join("ws");
+    let w = ws.to_str().unwrap();
+    r.ok(&["sandbox", "create", "--name", "rlb", "shell", w]);
+    let probe = format!(
+        r#"import os, struct, ctypes
+l = ctypes.CDLL(None, use_errno=True)
+open("{w}/capfile", "w").write("x")
+try:
+    os.setxattr("{w}/capfile", "security.capability", struct.pack("<IIIIII", 0x03000001, 1 << 7, 0, 0, 0, 0))
+    print("cap SET")
+except OSError as e:
+    print("cap", e.errno)
+try:
+    fd = os.open("{w}", 0o20000000 | os.O_DIRECTORY | os.O_WRONLY, 0o6755)
+    l.linkat(-100, b"/proc/self/fd/%d" % fd, -100, b"{w}/planted", 0x400)
+    print("tmpfile MADE")
+except OSError as e:
+    print("tmpfile", e.errno)
+print(" ".join(os.readlink("/proc/self/fd/%d" % fd) for fd in (0, 1, 2)))
+"#
+    );
+    std::fs::write(ws.join("probe.py"), &probe).unwrap();
+    nix::unistd::chown(&ws.join("probe.py"), Some(nix::unistd::Uid::from_raw(r.uid)), None).unwrap();
+    let out = r.moat(&["sandbox", "exec", "-u", "root", "rlb", "python3", &format!("{w}/probe.py")]);
+    let said = text(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 3, "{said}{}", text(&out.stderr));
+    assert_eq!(lines[0], "cap 1");
+    assert_eq!(lines[1], "tmpfile 1");
+    for fd in lines[2].split(' ') {
+        assert!(fd.starts_with("pipe:[") || fd == "/dev/null", "{said}");
+    }
+    assert!(!ws.join("planted").exists());
+    let caps = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import os\ntry:\n os.getxattr('{w}/capfile', 'security.capability'); print('HAS')\nexcept OSError as e:\n print(e.errno)"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&caps.stdout).trim(), "61");
+}

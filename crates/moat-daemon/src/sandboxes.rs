@@ -293,7 +293,7 @@ impl Daemon {
             cpus: match req.limits.cpus {
                 Some(c) if c <= 0.0 => None,
                 Some(c) => Some(c),
-                None => Some(self.config.sandbox.cpus).filter(|c| *c > 0.0),
+                None => self.config.sandbox.cpus.cores(),
             },
             pids: pick(req.limits.pids, self.config.sandbox.pids_limit),
             enforced: false,
