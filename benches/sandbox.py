@@ -6,8 +6,9 @@
   memory     host memory per idle running sandbox (daemon side + init)              budget: < 5 MiB
   file I/O   untar and delete a source tree in the workspace, inside vs on the host budget: within 5 %
 
-Usage: benches/sandbox.py [--moat target/release/moat] [--runs N] [--io-runs N]
-Uses its own state and runtime roots under /tmp/moat-bench; the template comes
+Usage: benches/sandbox.py [--moat target/release/moat] [--runs N] [--io-runs N] [--roots DIR]
+Uses its own state and runtime roots under --roots (/tmp/moat-bench; give two
+builds different ones), and stops its daemon at the end; the template comes
 from the cache (~/.cache/moat), built on first use.
 """
 import argparse
@@ -23,9 +24,21 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--moat", default="target/release/moat")
 ap.add_argument("--runs", type=int, default=200)
 ap.add_argument("--io-runs", type=int, default=21)
+ap.add_argument("--roots", default="/tmp/moat-bench")
+ap.add_argument("--skip", default="", help="comma-separated parts to leave out: memory,io")
 args = ap.parse_args()
 MOAT = os.path.abspath(args.moat)
-ENV = dict(os.environ, MOAT_HOME="/tmp/moat-bench/state", MOAT_RUNTIME_DIR="/tmp/moat-bench/run")
+ROOTS = args.roots
+ENV = dict(os.environ, MOAT_HOME=f"{ROOTS}/state", MOAT_RUNTIME_DIR=f"{ROOTS}/run")
+SKIP = set(filter(None, args.skip.split(",")))
+
+
+def stop_daemon():
+    """The daemon this bench started, by the pid in its lock file."""
+    try:
+        os.kill(int(open(f"{ROOTS}/run/moat.lock").read().strip()), 9)
+    except (OSError, ValueError):
+        pass
 
 
 def moat(*a, check=True):
@@ -85,8 +98,8 @@ def pss_kib(pid):
     return 0
 
 
-daemon = int(open("/tmp/moat-bench/run/moat.lock").read().strip())
-N = 10
+daemon = int(open(f"{ROOTS}/run/moat.lock").read().strip())
+N = 0 if "memory" in SKIP else 10
 before = rss_kib(daemon)
 for i in range(N):
     moat("sandbox", "create", "--name", f"m{i}", "shell", ws)
@@ -94,10 +107,10 @@ time.sleep(1)
 after = rss_kib(daemon)
 import json
 pids = [json.loads(moat("sandbox", "inspect", f"m{i}").stdout)[0]["pid"] for i in range(N)]
-init_pss = statistics.mean(pss_kib(p) for p in pids)
-init_rss = statistics.mean(rss_kib(p) for p in pids)
-per = (after - before) / N + init_pss
-print(f"memory:      {per / 1024:.2f} MiB per idle sandbox (daemon +{(after - before) / N:.0f} KiB, init PSS {init_pss:.0f} KiB, init RSS {init_rss:.0f} KiB; budget: < 5 MiB)")
+init_pss = statistics.mean(pss_kib(p) for p in pids) if pids else 0
+init_rss = statistics.mean(rss_kib(p) for p in pids) if pids else 0
+per = (after - before) / N + init_pss if N else 0
+if N: print(f"memory:      {per / 1024:.2f} MiB per idle sandbox (daemon +{(after - before) / N:.0f} KiB, init PSS {init_pss:.0f} KiB, init RSS {init_rss:.0f} KiB; budget: < 5 MiB)")
 for i in range(N):
     moat("sandbox", "rm", f"m{i}")
 
@@ -124,16 +137,18 @@ def measured(cmd, env=None):
 
 host_t, in_t = [], []
 # Interleaved, alternating which goes first: this machine's disk and CPUs are shared and noisy.
-for i in range(args.io_runs):
+for i in range(0 if "io" in SKIP else args.io_runs):
     pair = [(host_t, ["python3", f"{ws}/probe.py", script], None),
             (in_t, [MOAT, "sandbox", "exec", "bench", "python3", f"{ws}/probe.py", script], ENV)]
     for times, cmd, env in (pair if i % 2 == 0 else pair[::-1]):
         times.append(measured(cmd, env))
-hw, iw = median_ms([w for w, _ in host_t]), median_ms([w for w, _ in in_t])
-hc, ic = median_ms([c for _, c in host_t]), median_ms([c for _, c in in_t])
-size = os.path.getsize(tarball) / 1e6
-print(f"file I/O:    untar+rm {size:.0f} MB tree: wall inside {iw:.0f} ms / host {hw:.0f} ms = {iw / hw:.3f};"
+if host_t:
+  hw, iw = median_ms([w for w, _ in host_t]), median_ms([w for w, _ in in_t])
+  hc, ic = median_ms([c for _, c in host_t]), median_ms([c for _, c in in_t])
+  size = os.path.getsize(tarball) / 1e6
+  print(f"file I/O:    untar+rm {size:.0f} MB tree: wall inside {iw:.0f} ms / host {hw:.0f} ms = {iw / hw:.3f};"
       f"  cpu inside {ic:.0f} ms / host {hc:.0f} ms = {ic / hc:.3f}  (budget: within 5 %)")
 
 moat("sandbox", "reset", "-f")
+stop_daemon()
 shutil.rmtree(ws, ignore_errors=True)

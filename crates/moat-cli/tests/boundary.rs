@@ -55,7 +55,12 @@ for v in (2, 3):
         capfile.display()
     ));
     let _ = std::fs::remove_file(&capfile);
-    assert_eq!(said.lines().collect::<Vec<_>>(), ["ERRNO 1"; 3], "{said}{}", text(&out.stderr));
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        ["ERRNO 1"; 3],
+        "{said}{}",
+        text(&out.stderr)
+    );
     assert_eq!(on_host, "ENODATA");
 
     // Every process inside runs as an unprivileged host id, the agent's too.
@@ -65,7 +70,10 @@ for v in (2, 3):
     assert!(pids.len() >= 2, "no sleep in the sandbox: {pids:?}");
     for pid in pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        for line in status.lines().filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:")) {
+        for line in status
+            .lines()
+            .filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:"))
+        {
             for id in line.split_whitespace().skip(1) {
                 let id: u32 = id.parse().unwrap();
                 assert!(id >= UID_BASE, "pid {pid} runs as host id {id}: {line}");
@@ -132,7 +140,12 @@ for mode in (0o6755, 0o4755, 0o2755):
         for (p, _) in &planted {
             let _ = std::fs::remove_file(p);
         }
-        assert_eq!(said.lines().collect::<Vec<_>>(), ["ERRNO 1"; 3], "{said}{}", text(&out.stderr));
+        assert_eq!(
+            said.lines().collect::<Vec<_>>(),
+            ["ERRNO 1"; 3],
+            "{said}{}",
+            text(&out.stderr)
+        );
         assert!(planted.iter().all(|(_, m)| m & 0o6000 == 0), "{planted:?}");
     }
 }
@@ -224,12 +237,20 @@ time.sleep(60)
     let path = a.ws().join("hog.py");
     std::fs::write(&path, hog).unwrap();
     moat_ok(&[
-        "sandbox", "exec", "-d", "-u", "root", &a.name, "python3",
+        "sandbox",
+        "exec",
+        "-d",
+        "-u",
+        "root",
+        &a.name,
+        "python3",
         path.to_str().unwrap(),
     ]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let counts = loop {
-        let out = a.root_sh("cat /tmp/hog-0 /tmp/hog-1000 /tmp/hog-2000 /tmp/hog-3000 2>/dev/null | wc -l");
+        let out = a.root_sh(
+            "cat /tmp/hog-0 /tmp/hog-1000 /tmp/hog-2000 /tmp/hog-3000 2>/dev/null | wc -l",
+        );
         if text(&out.stdout).trim() == "0" && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(300));
             continue;
@@ -251,8 +272,16 @@ time.sleep(60)
         "import ctypes\nprint(ctypes.CDLL(None).inotify_init() >= 0)",
         false,
     );
-    assert!(fd >= 0, "host root's inotify_init failed ({host_errno}) while a sandbox held {counts}");
-    assert_eq!(text(&other.stdout).trim(), "True", "{}", text(&other.stderr));
+    assert!(
+        fd >= 0,
+        "host root's inotify_init failed ({host_errno}) while a sandbox held {counts}"
+    );
+    assert_eq!(
+        text(&other.stdout).trim(),
+        "True",
+        "{}",
+        text(&other.stderr)
+    );
 }
 
 /// Weaker items: init's OOM score cannot be raised (the kernel would pick
@@ -261,10 +290,16 @@ time.sleep(60)
 fn init_keeps_its_oom_score_and_a_default_cpu_limit_applies() {
     let sb = Sandbox::new("oom");
     let before = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", sb.init_pid())).unwrap();
-    let out = sb.root_sh("echo 1000 > /proc/1/oom_score_adj; echo 15 > /proc/1/oom_adj; cat /proc/1/oom_score_adj");
+    let out = sb.root_sh(
+        "echo 1000 > /proc/1/oom_score_adj; echo 15 > /proc/1/oom_adj; cat /proc/1/oom_score_adj",
+    );
     let after = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", sb.init_pid())).unwrap();
     assert_eq!(before, after, "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("Read-only file system"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let cores = std::thread::available_parallelism().unwrap().get();
     let expected = cores.saturating_sub(1).max(1) as f64;

@@ -246,8 +246,21 @@ print(" ".join(os.readlink("/proc/self/fd/%d" % fd) for fd in (0, 1, 2)))
 "#
     );
     std::fs::write(ws.join("probe.py"), &probe).unwrap();
-    nix::unistd::chown(&ws.join("probe.py"), Some(nix::unistd::Uid::from_raw(r.uid)), None).unwrap();
-    let out = r.moat(&["sandbox", "exec", "-u", "root", "rlb", "python3", &format!("{w}/probe.py")]);
+    nix::unistd::chown(
+        &ws.join("probe.py"),
+        Some(nix::unistd::Uid::from_raw(r.uid)),
+        None,
+    )
+    .unwrap();
+    let out = r.moat(&[
+        "sandbox",
+        "exec",
+        "-u",
+        "root",
+        "rlb",
+        "python3",
+        &format!("{w}/probe.py"),
+    ]);
     let said = text(&out.stdout);
     let lines: Vec<&str> = said.lines().collect();
     assert_eq!(lines.len(), 3, "{said}{}", text(&out.stderr));

@@ -950,6 +950,15 @@ fn wait_for_exit_timeout(pid: i32, timeout: Duration) -> bool {
     exited
 }
 
+/// Whether an unprivileged process may make a user namespace here: Debian's
+/// `kernel.unprivileged_userns_clone` and Ubuntu's AppArmor switch can forbid it.
+fn unprivileged_userns_allowed() -> bool {
+    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() != Some("0")
+        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() != Some("1")
+        && read("/proc/sys/user/max_user_namespaces").as_deref() != Some("0")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -996,13 +1005,4 @@ mod tests {
         assert!(process_start_time(std::process::id() as i32).is_some());
         assert_eq!(process_start_time(-5), None);
     }
-}
-
-/// Whether an unprivileged process may make a user namespace here: Debian's
-/// `kernel.unprivileged_userns_clone` and Ubuntu's AppArmor switch can forbid it.
-fn unprivileged_userns_allowed() -> bool {
-    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
-    read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() != Some("0")
-        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() != Some("1")
-        && read("/proc/sys/user/max_user_namespaces").as_deref() != Some("0")
 }

@@ -103,8 +103,13 @@ pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path) -> Result<OwnedFd, 
         .rev()
         .try_for_each(|l| fs.set_string("lowerdir+", &l.display().to_string()));
     if let Err(e) = appended {
-        let joined: Vec<String> = lower.iter().rev().map(|p| p.display().to_string()).collect();
-        fs.set_string("lowerdir", &joined.join(":")).map_err(|_| e)?;
+        let joined: Vec<String> = lower
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        fs.set_string("lowerdir", &joined.join(":"))
+            .map_err(|_| e)?;
     }
     fs.set_string("upperdir", &upper.display().to_string())?;
     fs.set_string("workdir", &work.display().to_string())?;
@@ -138,16 +143,30 @@ impl FsContext {
         Ok(FsContext { fd, fstype })
     }
 
-    fn config(&self, cmd: libc::c_uint, key: Option<&str>, value: Option<&str>) -> Result<(), SandboxError> {
+    fn config(
+        &self,
+        cmd: libc::c_uint,
+        key: Option<&str>,
+        value: Option<&str>,
+    ) -> Result<(), SandboxError> {
         let key_c = key.map(CString::new).transpose();
         let value_c = value.map(CString::new).transpose();
         let (Ok(key_c), Ok(value_c)) = (key_c, value_c) else {
-            return Err(SandboxError::Start(format!("{key:?} or its value has a NUL byte")));
+            return Err(SandboxError::Start(format!(
+                "{key:?} or its value has a NUL byte"
+            )));
         };
         let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
         // SAFETY: valid descriptor and C strings (or null where the command takes none).
         let rc = unsafe {
-            libc::syscall(libc::SYS_fsconfig, self.fd.as_raw_fd(), cmd, ptr(&key_c), ptr(&value_c), 0)
+            libc::syscall(
+                libc::SYS_fsconfig,
+                self.fd.as_raw_fd(),
+                cmd,
+                ptr(&key_c),
+                ptr(&value_c),
+                0,
+            )
         };
         if rc != 0 {
             let what = match (key, value) {
@@ -177,9 +196,13 @@ impl FsContext {
 
     fn mount(self) -> Result<OwnedFd, SandboxError> {
         // SAFETY: fsmount on a configured context; we own the returned descriptor.
-        let fd = unsafe { libc::syscall(libc::SYS_fsmount, self.fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_fsmount, self.fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
         if fd < 0 {
-            return Err(SandboxError::sys(format!("fsmount {}", self.fstype), Errno::last()));
+            return Err(SandboxError::sys(
+                format!("fsmount {}", self.fstype),
+                Errno::last(),
+            ));
         }
         // SAFETY: a fresh descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -211,10 +234,10 @@ pub fn attach(tree: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
 
 /// A user namespace whose only use is to carry `map` to mount_setattr.
 fn mapping_userns(map: &MountIdMap) -> Result<OwnedFd, SandboxError> {
-    let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
-    let (done_r, done_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SandboxError::sys("pipe", e))?;
+    let (done_r, done_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SandboxError::sys("pipe", e))?;
     // SAFETY: the caller is single-threaded (init before its namespaces);
     // the child only makes syscalls and leaves with _exit.
     match unsafe { nix::unistd::fork() } {
@@ -245,8 +268,9 @@ fn mapping_userns(map: &MountIdMap) -> Result<OwnedFd, SandboxError> {
                 }
                 let pid = child.as_raw();
                 let write = |file: &str, text: String| {
-                    fs::write(format!("/proc/{pid}/{file}"), text)
-                        .map_err(|e| SandboxError::io(format!("write an idmapped mount's {file}"), e))
+                    fs::write(format!("/proc/{pid}/{file}"), text).map_err(|e| {
+                        SandboxError::io(format!("write an idmapped mount's {file}"), e)
+                    })
                 };
                 write("uid_map", render(&map.uids))?;
                 write("gid_map", render(&map.gids))?;

@@ -535,9 +535,8 @@ struct Stdio {
 }
 
 fn make_stdio(exec: &InitExec) -> Result<Stdio, String> {
-    let pipe = || {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
-    };
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     Ok(match exec.stdio {
         InitStdio::Null => Stdio {
             child: [None, None, None],
@@ -629,7 +628,11 @@ fn spawn(exec: &InitExec) -> Result<(i32, Vec<OwnedFd>), String> {
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(err_w);
-            let Stdio { child: ours, theirs, .. } = stdio;
+            let Stdio {
+                child: ours,
+                theirs,
+                ..
+            } = stdio;
             // The child's ends must close here, or the caller would never
             // see end-of-file on its pipes.
             drop(ours);

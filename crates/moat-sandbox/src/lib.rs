@@ -10,8 +10,8 @@
 
 pub mod cgroup;
 pub mod control;
-pub mod idmap;
 mod detached;
+pub mod idmap;
 pub mod init;
 pub mod launch;
 mod mounts;
