@@ -165,10 +165,16 @@ impl Daemon {
                 ));
             }
         }
-        for skipped in &skipped? {
-            r.warning(format!(
-                "{skipped} is a socket, fifo or device and is not part of the image"
-            ));
+        // One line each: sockets, fifos and devices left out, file
+        // capabilities dropped.
+        for warning in skipped? {
+            r.warning(warning);
+        }
+        // Set-id bits only where the image had them (the helper that wrote
+        // the layer cannot see the image's layers; this process can).
+        let lowers = self.images.layer_dirs(&base, &self.unpacker())?;
+        for warning in moat_images::drop_new_privileges(tmp.path(), &lowers)? {
+            r.warning(warning);
         }
         let labels = BTreeMap::from([
             (LABEL_BASE_NAME.to_string(), base.reference.clone()),

@@ -3,6 +3,14 @@
 //! whiteouts (a character device 0/0 becomes `.wh.NAME`, a directory with
 //! `user.overlay.opaque=y` gets a `.wh..wh..opq` entry).
 //!
+//! Only those markers become whiteouts. A file the sandbox itself named
+//! `.wh.…` would be read as one by every unpacker (OCI has no escape for
+//! such names) and delete files of the image, so the save is refused. Sparse
+//! files are archived sparsely (see `sparse`). Extended attributes are not
+//! archived: a file capability (`security.capability`) the sandbox set must
+//! not reach the image, so it is dropped with a warning; set-id bits are
+//! checked against the image afterwards (see `setid`), where its layers are.
+//!
 //! The upper directory is the sandbox's to write, so it is hostile: the walk
 //! holds a directory descriptor at each level and opens every child relative
 //! to it with `O_NOFOLLOW`, so a symlink planted there is archived as a
@@ -13,7 +21,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -23,14 +31,20 @@ use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 use tar::{EntryType, Header};
 
 use crate::error::ImageError;
-use crate::unpack::{OPAQUE_MARKER, OVERLAY_OPAQUE_XATTR, WHITEOUT_PREFIX};
+use crate::sparse::{self, ChunkReader};
+use crate::unpack::{OPAQUE_MARKER, OVERLAY_OPAQUE_XATTRS, WHITEOUT_PREFIX};
+
+/// The xattr of a file capability: never archived from a sandbox.
+const CAPABILITY_XATTR: &str = "security.capability";
 
 /// What a layer holds, and what of the upper directory it could not hold.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerSummary {
     pub entries: u64,
     pub whiteouts: u64,
-    /// Sockets, fifos and device nodes: they cannot be part of an image.
+    /// One warning line each for what the layer does not hold as the sandbox
+    /// had it: sockets, fifos and device nodes (they cannot be part of an
+    /// image) and file capabilities (a sandbox may not grant them).
     pub skipped: Vec<String>,
 }
 
@@ -48,6 +62,7 @@ pub fn write_upper_layer<W: Write>(
         tar: tar::Builder::new(out),
         clamp_mtime,
         hard_links: HashMap::new(),
+        sparse_total: 0,
         summary: LayerSummary::default(),
     };
     walk.dir(&root, Path::new(""))?;
@@ -66,6 +81,8 @@ struct Walk<'a, W: Write> {
     clamp_mtime: u64,
     /// (device, inode) of files with several links -> the first path archived.
     hard_links: HashMap<(u64, u64), PathBuf>,
+    /// Apparent size of the sparse files archived so far.
+    sparse_total: u64,
     summary: LayerSummary,
 }
 
@@ -95,21 +112,29 @@ fn sorted_names(dir: &OwnedFd) -> nix::Result<Vec<OsString>> {
     Ok(names)
 }
 
-fn is_opaque(dir: &OwnedFd) -> bool {
-    let Ok(key) = CString::new(OVERLAY_OPAQUE_XATTR) else {
-        return false;
-    };
-    let mut value = [0u8; 4];
+/// The value of xattr `name` of an open file, if it has one (up to 4 KiB).
+fn fgetxattr(fd: RawFd, name: &str) -> Option<Vec<u8>> {
+    let key = CString::new(name).ok()?;
+    let mut value = vec![0u8; 4096];
     // SAFETY: a valid descriptor, a NUL-terminated name and a buffer of that length.
-    let n = unsafe {
-        libc::fgetxattr(
-            dir.as_raw_fd(),
-            key.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    n == 1 && value[0] == b'y'
+    let n = unsafe { libc::fgetxattr(fd, key.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    let n = usize::try_from(n).ok()?;
+    value.truncate(n);
+    Some(value)
+}
+
+/// Overlayfs marks a directory opaque with `trusted.overlay.opaque=y`, or
+/// `user.overlay.opaque=y` when mounted with `userxattr` (as moat does).
+/// The sandbox cannot set either through the overlay.
+fn is_opaque(dir: &OwnedFd) -> bool {
+    OVERLAY_OPAQUE_XATTRS
+        .iter()
+        .any(|key| fgetxattr(dir.as_raw_fd(), key).as_deref() == Some(b"y"))
+}
+
+/// A path as the sandbox sees it, for messages.
+fn in_sandbox(rel: &Path) -> String {
+    format!("/{}", rel.display())
 }
 
 impl<W: Write> Walk<'_, W> {
@@ -154,8 +179,14 @@ impl<W: Write> Walk<'_, W> {
             )
             .map_err(|e| self.fail(&child, e))?;
             let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+            let whiteout = kind == SFlag::S_IFCHR && st.st_rdev == 0;
+            if !whiteout && name.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                return Err(ImageError::ReservedName {
+                    path: in_sandbox(&child),
+                });
+            }
             match kind {
-                SFlag::S_IFCHR if st.st_rdev == 0 => {
+                _ if whiteout => {
                     let mut marker = OsString::from(WHITEOUT_PREFIX);
                     marker.push(&name);
                     self.empty_file(&rel.join(marker))?;
@@ -186,7 +217,10 @@ impl<W: Write> Walk<'_, W> {
                         .map_err(|e| self.fail(&child, e))?;
                     self.summary.entries += 1;
                 }
-                _ => self.summary.skipped.push(child.display().to_string()),
+                _ => self.summary.skipped.push(format!(
+                    "{} is a socket, fifo or device and is not part of the image",
+                    in_sandbox(&child)
+                )),
             }
         }
         Ok(())
@@ -224,12 +258,59 @@ impl<W: Write> Walk<'_, W> {
         if (now.st_dev, now.st_ino, now.st_size) != (st.st_dev, st.st_ino, st.st_size) {
             return Err(self.changed(rel));
         }
-        let mut h = self.header(EntryType::Regular, st, st.st_size.max(0) as u64);
-        self.tar
-            .append_data(&mut h, rel, file)
-            .map_err(|e| self.fail(rel, e))?;
+        if fgetxattr(file.as_raw_fd(), CAPABILITY_XATTR).is_some() {
+            self.summary.skipped.push(format!(
+                "{} is saved without its file capability ({CAPABILITY_XATTR}): a sandbox cannot grant one to an image",
+                in_sandbox(rel)
+            ));
+        }
+        let size = st.st_size.max(0) as u64;
+        // Fewer blocks than bytes: it may have holes worth keeping as holes.
+        let holes = (st.st_blocks.max(0) as u64).saturating_mul(512) < size;
+        let map = if holes {
+            sparse::data_map(&file, size).map_err(|e| self.fail(rel, e))?
+        } else {
+            None
+        };
+        match map {
+            Some(chunks) => self.sparse_file(&file, rel, st, size, chunks)?,
+            None => {
+                let mut h = self.header(EntryType::Regular, st, size);
+                self.tar
+                    .append_data(&mut h, rel, file)
+                    .map_err(|e| self.fail(rel, e))?;
+            }
+        }
         self.summary.entries += 1;
         Ok(())
+    }
+
+    /// A GNU sparse entry: the map of data runs, then only the data.
+    fn sparse_file(
+        &mut self,
+        file: &File,
+        rel: &Path,
+        st: &FileStat,
+        size: u64,
+        chunks: Vec<sparse::Chunk>,
+    ) -> Result<(), ImageError> {
+        // What moat's unpacker would refuse, refused here, so that a saved
+        // image can always be used.
+        self.sparse_total = self.sparse_total.saturating_add(size);
+        if self.sparse_total > sparse::MAX_EXPANSION {
+            return Err(ImageError::SparseTooLarge {
+                path: in_sandbox(rel),
+                total: self.sparse_total,
+                limit: sparse::MAX_EXPANSION,
+            });
+        }
+        let mut h = self.header(EntryType::GNUSparse, st, 0);
+        let ext =
+            sparse::make_sparse_header(&mut h, &chunks, size).map_err(|e| self.fail(rel, e))?;
+        let data = io::Cursor::new(ext).chain(ChunkReader::new(file, chunks));
+        self.tar
+            .append_data(&mut h, rel, data)
+            .map_err(|e| self.fail(rel, e))
     }
 
     fn changed(&self, rel: &Path) -> ImageError {
@@ -244,6 +325,7 @@ impl<W: Write> Walk<'_, W> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::unpack::OVERLAY_OPAQUE_XATTR;
     use std::fs;
     use std::os::unix::fs::{symlink, PermissionsExt};
 
@@ -321,7 +403,9 @@ mod tests {
             LayerSummary {
                 entries: 8,
                 whiteouts: 2,
-                skipped: vec!["fifo".into()]
+                skipped: vec![
+                    "/fifo is a socket, fifo or device and is not part of the image".into()
+                ]
             }
         );
         let mut again = Vec::new();

@@ -38,6 +38,19 @@ pub enum ImageError {
     #[error("refusing layer entry {entry:?}: {reason}; the tarball is unsafe to unpack, rebuild it from a trusted source")]
     UnsafeEntry { entry: String, reason: String },
 
+    /// A file in a sandbox is named like an OCI whiteout: in a layer it would
+    /// delete the file of that name below instead of being a file.
+    #[error("{path} in the sandbox has a name that image layers reserve for deletions (it starts with \".wh.\"); rename or remove it, then save again")]
+    ReservedName { path: String },
+
+    /// Sparse files whose holes would expand past what a layer may hold.
+    #[error("{path} in the sandbox is a sparse file that takes the layer's sparse files to {}, more than the {} a layer may hold; remove or shrink it (truncate -s), then save again", human(*total), human(*limit))]
+    SparseTooLarge {
+        path: String,
+        total: u64,
+        limit: u64,
+    },
+
     /// Not enough free space on a file system.
     #[error("not enough free space in {}: need {}, have {}; free some space or point MOAT_CACHE_DIR at a larger file system", path.display(), human(*need), human(*have))]
     NoSpace { path: PathBuf, need: u64, have: u64 },

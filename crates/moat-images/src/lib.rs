@@ -17,6 +17,10 @@ mod layout;
 pub mod oci;
 mod reference;
 pub mod registry;
+#[cfg(test)]
+mod save_tests;
+mod setid;
+mod sparse;
 pub mod template;
 mod unpack;
 
@@ -25,4 +29,5 @@ pub use error::ImageError;
 pub use layout::{ImageInfo, ImageStore};
 pub use oci::now_rfc3339;
 pub use reference::Reference;
+pub use setid::drop_new_privileges;
 pub use unpack::{unpack_layer, DirectUnpacker, LayerUnpacker};

@@ -10,10 +10,13 @@
 //! `userxattr`, so they become overlayfs's own markers: a whiteout is a
 //! character device 0/0 (which the kernel lets anyone make), an opaque
 //! directory carries `user.overlay.opaque=y`.
+//!
+//! Sparse entries (GNU `S`) are written back with holes, and all the sparse
+//! files of a layer may add up to at most 1 TiB (see `sparse`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -25,6 +28,7 @@ use tar::EntryType;
 use crate::digest::open_tar_stream;
 use crate::error::ImageError;
 use crate::fsutil::remove_tree;
+use crate::sparse::{is_zero, MAX_EXPANSION};
 
 /// Unpacks one layer tarball into an empty directory. The daemon implements
 /// this by running [`unpack_layer`] in a helper process inside the
@@ -60,6 +64,7 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), ImageError> {
         chown: nix::unistd::geteuid().is_root(),
         symlinks: HashSet::new(),
         dirs: BTreeMap::new(),
+        sparse_total: 0,
     };
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
@@ -73,6 +78,10 @@ pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// The xattr overlayfs (mounted with `userxattr`) reads as "opaque directory".
 pub(crate) const OVERLAY_OPAQUE_XATTR: &str = "user.overlay.opaque";
+/// What marks an opaque directory in an upper directory: the `user.` xattr
+/// with `userxattr`, the `trusted.` one when real root mounted the overlay.
+pub(crate) const OVERLAY_OPAQUE_XATTRS: [&str; 2] =
+    [OVERLAY_OPAQUE_XATTR, "trusted.overlay.opaque"];
 
 /// Owner, mode and mtime of a directory, applied once its contents exist.
 #[derive(Debug, Clone, Copy)]
@@ -91,7 +100,12 @@ struct Unpacker<'a> {
     symlinks: HashSet<PathBuf>,
     /// Directories to finish, deepest applied first (reverse path order).
     dirs: BTreeMap<PathBuf, Meta>,
+    /// Apparent size of the sparse files unpacked so far.
+    sparse_total: u64,
 }
+
+/// How many ids a sandbox has (`moat_sandbox::idmap::RANGE`).
+const SANDBOX_IDS: u32 = 65536;
 
 fn unsafe_entry(name: &str, reason: impl Into<String>) -> ImageError {
     ImageError::UnsafeEntry {
@@ -163,10 +177,23 @@ impl Unpacker<'_> {
         let header = entry.header();
         let meta = Meta {
             mode: header.mode().map_err(|e| self.bad(&name, e))? & 0o7777,
-            uid: header.uid().map_err(|e| self.bad(&name, e))? as u32,
-            gid: header.gid().map_err(|e| self.bad(&name, e))? as u32,
+            uid: u32::try_from(header.uid().map_err(|e| self.bad(&name, e))?).unwrap_or(u32::MAX),
+            gid: u32::try_from(header.gid().map_err(|e| self.bad(&name, e))?).unwrap_or(u32::MAX),
             mtime: header.mtime().map_err(|e| self.bad(&name, e))? as i64,
         };
+
+        // A sandbox has ids 0..65536; the helper that unpacks has one more
+        // (the host's root, so that it can read the store), which no entry
+        // may claim.
+        if meta.uid >= SANDBOX_IDS || meta.gid >= SANDBOX_IDS {
+            return Err(unsafe_entry(
+                &name,
+                format!(
+                    "it belongs to {}:{}, beyond the {SANDBOX_IDS} ids of a sandbox",
+                    meta.uid, meta.gid
+                ),
+            ));
+        }
 
         if rel.as_os_str().is_empty() {
             // `./` itself: the root directory's owner and mode.
@@ -190,8 +217,22 @@ impl Unpacker<'_> {
                 self.dirs.insert(rel, meta);
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let sparse = kind == EntryType::GNUSparse;
+                if sparse {
+                    // The tar crate reports a sparse entry's size as its real size.
+                    self.sparse_total = self.sparse_total.saturating_add(entry.size());
+                    if self.sparse_total > MAX_EXPANSION {
+                        return Err(unsafe_entry(
+                            &name,
+                            format!(
+                                "its layer's sparse files would expand to more than {}",
+                                crate::error::human(MAX_EXPANSION)
+                            ),
+                        ));
+                    }
+                }
                 self.clear(&path, &rel, &name, false)?;
-                self.write_file(entry, &path, &name, meta)?;
+                self.write_file(entry, &path, &name, meta, sparse)?;
             }
             EntryType::Symlink => {
                 let target = entry
@@ -373,6 +414,7 @@ impl Unpacker<'_> {
         path: &Path,
         name: &str,
         meta: Meta,
+        sparse: bool,
     ) -> Result<(), ImageError> {
         // O_EXCL | O_NOFOLLOW: never open something that appeared in between.
         let mut file = OpenOptions::new()
@@ -383,6 +425,7 @@ impl Unpacker<'_> {
             .open(path)
             .map_err(|e| self.io_err(name, e))?;
         let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
         loop {
             let n = match entry.read(&mut buf) {
                 Ok(0) => break,
@@ -390,8 +433,19 @@ impl Unpacker<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.bad(name, e)),
             };
-            file.write_all(&buf[..n])
-                .map_err(|e| self.io_err(name, e))?;
+            // A sparse entry's holes arrive as zeros: skip over them so
+            // that they stay holes on disk.
+            if sparse && is_zero(&buf[..n]) {
+                file.seek(SeekFrom::Current(n as i64))
+            } else {
+                file.write_all(&buf[..n]).map(|()| 0)
+            }
+            .map_err(|e| self.io_err(name, e))?;
+            written += n as u64;
+        }
+        if sparse {
+            // A file that ends in a hole gets its length here.
+            file.set_len(written).map_err(|e| self.io_err(name, e))?;
         }
         self.apply_meta(&file, name, meta)
     }
