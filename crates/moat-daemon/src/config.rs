@@ -44,6 +44,14 @@ pub struct GatewayConfig {
     pub services: Vec<moat_gateway::credentials::Service>,
     /// How long a client may take to send a request's head ("30s").
     pub header_timeout: String,
+    /// How long a keep-alive connection may wait between requests ("60s").
+    pub idle_timeout: String,
+    /// How long a tunnel the gateway does not intercept may carry nothing ("10m").
+    pub tunnel_idle_timeout: String,
+    /// How long the TLS handshake of an intercepted connection may take ("10s").
+    pub tls_handshake_timeout: String,
+    /// Connections one sandbox may hold open through the gateway; 0: no cap.
+    pub max_connections: u32,
 }
 
 impl Default for GatewayConfig {
@@ -54,6 +62,10 @@ impl Default for GatewayConfig {
             extra_ca_certs: vec![],
             services: vec![],
             header_timeout: "30s".into(),
+            idle_timeout: "60s".into(),
+            tunnel_idle_timeout: "10m".into(),
+            tls_handshake_timeout: "10s".into(),
+            max_connections: 256,
         }
     }
 }
@@ -62,13 +74,27 @@ impl Default for GatewayConfig {
 pub type StaticNames = std::collections::HashMap<String, (std::net::IpAddr, Option<u16>)>;
 
 impl GatewayConfig {
-    /// `header_timeout`, parsed.
-    pub fn header_timeout(&self) -> Result<std::time::Duration, DaemonError> {
-        humantime::parse_duration(self.header_timeout.trim()).map_err(|e| {
-            DaemonError::Config(format!(
-                "gateway.header_timeout: {:?} is not a duration ({e}); write e.g. 30s",
-                self.header_timeout
-            ))
+    /// Every timeout and the connection cap, parsed, as the gateway takes them.
+    pub fn limits(&self) -> Result<moat_gateway::Limits, DaemonError> {
+        let duration = |key: &str, text: &str| {
+            humantime::parse_duration(text.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    DaemonError::Config(format!(
+                        "gateway.{key}: {text:?} is not a duration; write e.g. 30s or 10m"
+                    ))
+                })
+        };
+        Ok(moat_gateway::Limits {
+            header_timeout: duration("header_timeout", &self.header_timeout)?,
+            idle_timeout: duration("idle_timeout", &self.idle_timeout)?,
+            tunnel_idle_timeout: duration("tunnel_idle_timeout", &self.tunnel_idle_timeout)?,
+            tls_handshake_timeout: duration("tls_handshake_timeout", &self.tls_handshake_timeout)?,
+            max_connections: match self.max_connections {
+                0 => usize::MAX,
+                n => n as usize,
+            },
         })
     }
 
@@ -106,8 +132,10 @@ impl GatewayConfig {
 pub struct SandboxConfig {
     /// Default memory limit of a new sandbox, like `4g` or `512m`; `0` for none.
     pub memory: String,
-    /// Default CPU limit (cores, may be fractional); `0` for none.
-    pub cpus: f64,
+    /// Default CPU limit: cores (may be fractional), `0` for none, or
+    /// `"auto"` (the default): all the host's cores but one, at least one,
+    /// so that a sandbox busy on every core it has still leaves the host one.
+    pub cpus: CpuLimit,
     /// Default limit on processes in a sandbox; `0` for none.
     pub pids_limit: u64,
     /// As root: the first host uid/gid of the range that ids inside sandboxes map to.
@@ -133,13 +161,60 @@ pub struct ModelsConfig {
     pub keep_alive: String,
     /// Memory all loaded models may take together, e.g. "12g"; empty: three quarters of RAM.
     pub memory_budget: String,
+    /// How long a client may take to send a request's head, and then its body ("30s").
+    pub header_timeout: String,
+    /// How long a connection with nothing in flight may stay silent ("60s").
+    pub idle_timeout: String,
+    /// Connections one sandbox may hold to its model runner door; 0: no cap.
+    pub max_connections: u32,
+    /// Messages one chat request may carry; 0: no limit.
+    pub max_messages: u32,
+    /// Steps the chat template may take to render one request.
+    pub template_steps: u64,
+}
+
+/// `sandbox.cpus`: a number of cores, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum CpuLimit {
+    Cores(f64),
+    Auto(AutoWord),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoWord {
+    Auto,
+}
+
+impl CpuLimit {
+    /// The limit in cores; None for no limit.
+    pub fn cores(self) -> Option<f64> {
+        match self {
+            CpuLimit::Cores(c) => Some(c).filter(|c| *c > 0.0),
+            CpuLimit::Auto(_) => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                Some(cores.saturating_sub(1).max(1) as f64)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for CpuLimit {
+    type Err = std::num::ParseFloatError;
+    fn from_str(s: &str) -> Result<CpuLimit, Self::Err> {
+        if s.trim() == "auto" {
+            return Ok(CpuLimit::Auto(AutoWord::Auto));
+        }
+        s.trim().parse().map(CpuLimit::Cores)
+    }
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             memory: "4g".into(),
-            cpus: 0.0,
+            cpus: CpuLimit::Auto(AutoWord::Auto),
             pids_limit: 4096,
             uid_base: 1_000_000_000,
             no_new_privs: false,
@@ -157,7 +232,35 @@ impl Default for ModelsConfig {
             context_size: 4096,
             keep_alive: "5m".into(),
             memory_budget: String::new(),
+            header_timeout: "30s".into(),
+            idle_timeout: "60s".into(),
+            max_connections: 64,
+            max_messages: 4096,
+            template_steps: moat_models::chat::DEFAULT_TEMPLATE_STEPS,
         }
+    }
+}
+
+impl ModelsConfig {
+    /// What the model runner's doors and requests may take, parsed.
+    pub fn limits(&self) -> Result<moat_models::api::Limits, DaemonError> {
+        let duration = |key: &str, text: &str| {
+            humantime::parse_duration(text.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    DaemonError::Config(format!(
+                        "models.{key}: {text:?} is not a duration; write e.g. 30s"
+                    ))
+                })
+        };
+        Ok(moat_models::api::Limits {
+            header_timeout: duration("header_timeout", &self.header_timeout)?,
+            idle_timeout: duration("idle_timeout", &self.idle_timeout)?,
+            max_connections: self.max_connections as usize,
+            max_messages: self.max_messages as usize,
+            template_steps: self.template_steps.max(1),
+        })
     }
 }
 
@@ -243,8 +346,23 @@ impl Config {
                 .extra_ca_certs
                 .extend(v.split(':').filter(|p| !p.is_empty()).map(String::from));
         }
+        if let Some(v) = get("MOAT_GATEWAY_HEADER_TIMEOUT") {
+            self.gateway.header_timeout = v;
+        }
+        if let Some(v) = get("MOAT_GATEWAY_IDLE_TIMEOUT") {
+            self.gateway.idle_timeout = v;
+        }
+        if let Some(v) = get("MOAT_GATEWAY_TUNNEL_IDLE_TIMEOUT") {
+            self.gateway.tunnel_idle_timeout = v;
+        }
+        if let Some(v) = get("MOAT_GATEWAY_TLS_HANDSHAKE_TIMEOUT") {
+            self.gateway.tls_handshake_timeout = v;
+        }
+        if let Some(v) = get("MOAT_GATEWAY_MAX_CONNECTIONS") {
+            self.gateway.max_connections = parse("MOAT_GATEWAY_MAX_CONNECTIONS", v)?;
+        }
         self.gateway.static_names()?;
-        self.gateway.header_timeout()?;
+        self.gateway.limits()?;
         moat_gateway::Policy::preset(&self.gateway.default_policy)
             .map_err(|e| DaemonError::Config(format!("gateway.default_policy: {e}")))?;
         if let Some(v) = get("MOAT_REGISTRY_MIRRORS") {
@@ -266,6 +384,22 @@ impl Config {
         if let Some(v) = get("MOAT_MODEL_PORT") {
             self.models.port = parse("MOAT_MODEL_PORT", v)?;
         }
+        if let Some(v) = get("MOAT_MODELS_HEADER_TIMEOUT") {
+            self.models.header_timeout = v;
+        }
+        if let Some(v) = get("MOAT_MODELS_IDLE_TIMEOUT") {
+            self.models.idle_timeout = v;
+        }
+        if let Some(v) = get("MOAT_MODELS_MAX_CONNECTIONS") {
+            self.models.max_connections = parse("MOAT_MODELS_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = get("MOAT_MODELS_MAX_MESSAGES") {
+            self.models.max_messages = parse("MOAT_MODELS_MAX_MESSAGES", v)?;
+        }
+        if let Some(v) = get("MOAT_MODELS_TEMPLATE_STEPS") {
+            self.models.template_steps = parse("MOAT_MODELS_TEMPLATE_STEPS", v)?;
+        }
+        self.models.limits()?;
         parse_size(&self.sandbox.memory).map_err(DaemonError::Config)?;
         Ok(())
     }
@@ -326,6 +460,64 @@ mod tests {
         let mut cfg = Config::default();
         assert!(cfg
             .apply_env(|k| (k == "MOAT_SANDBOX_CPUS").then(|| "many".to_string()))
+            .is_err());
+    }
+
+    #[test]
+    fn model_runner_limits_come_from_the_file_and_the_environment() {
+        let mut cfg: Config =
+            toml::from_str("[models]\nheader_timeout = \"5s\"\nmax_connections = 8\n").unwrap();
+        cfg.apply_env(|k| match k {
+            "MOAT_MODELS_IDLE_TIMEOUT" => Some("2s".into()),
+            "MOAT_MODELS_MAX_MESSAGES" => Some("100".into()),
+            _ => None,
+        })
+        .unwrap();
+        let limits = cfg.models.limits().unwrap();
+        assert_eq!(limits.header_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(limits.idle_timeout, std::time::Duration::from_secs(2));
+        assert_eq!(limits.max_connections, 8);
+        assert_eq!(limits.max_messages, 100);
+        assert_eq!(
+            Config::default().models.limits().unwrap(),
+            moat_models::api::Limits::default()
+        );
+        let mut bad = Config::default();
+        assert!(bad
+            .apply_env(|k| (k == "MOAT_MODELS_HEADER_TIMEOUT").then(|| "soon".to_string()))
+            .is_err());
+    }
+
+    #[test]
+    fn gateway_limits_come_from_the_file_and_the_environment() {
+        let mut cfg: Config =
+            toml::from_str("[gateway]\ntunnel_idle_timeout = \"5m\"\nmax_connections = 8\n")
+                .unwrap();
+        cfg.apply_env(|k| match k {
+            "MOAT_GATEWAY_IDLE_TIMEOUT" => Some("2s".into()),
+            "MOAT_GATEWAY_TLS_HANDSHAKE_TIMEOUT" => Some("3s".into()),
+            _ => None,
+        })
+        .unwrap();
+        let limits = cfg.gateway.limits().unwrap();
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(
+            (
+                limits.header_timeout,
+                limits.idle_timeout,
+                limits.tunnel_idle_timeout,
+                limits.tls_handshake_timeout,
+                limits.max_connections
+            ),
+            (secs(30), secs(2), secs(300), secs(3), 8)
+        );
+        assert_eq!(
+            Config::default().gateway.limits().unwrap(),
+            moat_gateway::Limits::default()
+        );
+        let mut bad = Config::default();
+        assert!(bad
+            .apply_env(|k| (k == "MOAT_GATEWAY_TUNNEL_IDLE_TIMEOUT").then(|| "later".to_string()))
             .is_err());
     }
 

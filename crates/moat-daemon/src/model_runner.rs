@@ -42,11 +42,13 @@ pub(crate) fn start(
         rc.memory_budget = parse_size(&c.memory_budget)
             .map_err(|e| DaemonError::Config(format!("models.memory_budget: {e}")))?;
     }
+    let limits = c.limits()?;
     let runner = Runner::new(rc);
-    ModelService::new(
+    ModelService::with_limits(
         store,
         runner,
         paths.state.join("models").join("settings.json"),
+        limits,
     )
     .map_err(|e| DaemonError::io("start the model runner", e))
 }

@@ -3,13 +3,16 @@
 //! network log (written in batches by one thread), and the environment that
 //! points the sandbox's tools at the proxy.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use moat_api::NetworkProxyRequest;
-use moat_gateway::{policy::Default as PolicyDefault, Action, LogEntry, Policy, Rule};
-use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrIn};
+use moat_gateway::{
+    policy::Default as PolicyDefault, Action, LogEntry, LoopbackDialer, Policy, Rule,
+};
+use nix::sys::socket::{bind, connect, listen, setsockopt, sockopt, Backlog, SockaddrIn};
 
 use crate::sandboxes::Daemon;
 use crate::state::State;
@@ -100,9 +103,36 @@ impl Daemon {
         let listener = std::net::TcpListener::from(fd);
         let policy = self.policy_of(id)?;
         let ca = self.sandbox_ca(id)?;
+        let loopback = self.model_runner_via_gateway(id, netns);
         self.gateway()
-            .attach(id, name, policy, Some(&ca), listener)
+            .attach_with(id, name, policy, Some(&ca), listener, loopback)
             .map_err(|e| DaemonError::io("gateway", std::io::Error::other(e)))
+    }
+
+    /// The model runner's port on the host's loopback, reached through the
+    /// gateway (`--allow-host localhost`), leads to the sandbox's own model
+    /// door, not to the host's listener: the door answers in the sandbox's
+    /// scope (inference and reading), the host's in the host's (pull,
+    /// delete, unload, configure). The connection is made from inside the
+    /// sandbox's network namespace, so it gains nothing the sandbox could
+    /// not reach directly.
+    fn model_runner_via_gateway(
+        &self,
+        id: &str,
+        netns: moat_sandbox::control::NetnsId,
+    ) -> HashMap<u16, LoopbackDialer> {
+        let control = self.control_path(id);
+        let dialer: LoopbackDialer = Arc::new(move || {
+            let fd = moat_sandbox::control::door_socket(&control, netns, false)
+                .map_err(std::io::Error::other)?;
+            let door = SockaddrIn::from(SocketAddrV4::new(
+                Ipv4Addr::LOCALHOST,
+                crate::model_runner::MODEL_PORT_INSIDE,
+            ));
+            connect(fd.as_raw_fd(), &door).map_err(std::io::Error::from)?;
+            Ok(std::net::TcpStream::from(fd))
+        });
+        HashMap::from([(self.config().models.port, dialer)])
     }
 
     /// The sandbox's CA, made on first use; its key stays in the sandbox's

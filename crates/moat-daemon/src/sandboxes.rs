@@ -127,7 +127,7 @@ impl Daemon {
                 .map_err(|e| DaemonError::Config(format!("the gateway: {e}")))?,
         );
         gateway.set_static_names(config.gateway.static_names()?);
-        gateway.set_header_timeout(config.gateway.header_timeout()?);
+        gateway.set_limits(config.gateway.limits()?);
         let secrets = crate::secrets::Secrets::new(paths.state.join("secrets.json"));
         Ok(Daemon {
             hierarchy: moat_sandbox::cgroup::detect(rootless),

@@ -137,7 +137,10 @@ impl Credential {
         }
     }
 
-    /// Drop every credential the sandbox sent and put the real one in.
+    /// Drop every credential the sandbox sent and put the real one in. The
+    /// request also asks for an answer the gateway can read: an echo of the
+    /// key in a compressed body (the sandbox chooses `Accept-Encoding`) or
+    /// split over ranged responses would pass the masking unseen.
     pub fn inject(&self, headers: &mut HeaderMap) {
         for h in CREDENTIAL_HEADERS {
             headers.remove(*h);
@@ -151,12 +154,24 @@ impl Credential {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        headers.remove(http::header::RANGE);
+        headers.remove(http::header::IF_RANGE);
     }
 
-    /// The forms of the key that must never flow back: itself and the header value.
+    /// Every form of the key that must never flow back, longest first (so
+    /// that the header value is masked whole, not around the key inside
+    /// it): the header value as sent, the bare base64 of basic auth, the key.
     pub fn secrets(&self) -> Vec<String> {
         let mut out = vec![self.header_value(), self.key.clone()];
+        if let Some(user) = self.service.format.strip_prefix("basic:") {
+            out.push(base64(format!("{user}:{}", self.key).as_bytes()));
+        }
         out.retain(|s| !s.is_empty());
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
         out.dedup();
         out
     }
@@ -169,26 +184,55 @@ pub fn for_host<'a>(creds: &'a [Credential], host: &str) -> Option<&'a Credentia
         .find(|c| c.service.hosts.iter().any(|h| h == host))
 }
 
-/// Replace every secret in response headers with the placeholder.
+/// Replace every secret in response headers with the placeholder. Values
+/// are masked as bytes (a value need not be UTF-8), and names too (an
+/// upstream may echo a header as a name; names are lower case on the wire
+/// of HTTP/2 and in hyper, so they are compared in lower case).
 pub fn redact_headers(headers: &mut HeaderMap, secrets: &[String]) {
+    let lower: Vec<String> = secrets.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let named = headers
+        .keys()
+        .any(|k| mask(k.as_str().as_bytes(), &lower).is_some());
+    if named {
+        let old = std::mem::take(headers);
+        let mut name = None;
+        for (k, v) in old {
+            // `into_iter` names only the first value of each header.
+            if let Some(k) = k {
+                let masked = mask(k.as_str().as_bytes(), &lower)
+                    .and_then(|m| http::header::HeaderName::from_bytes(&m).ok());
+                name = Some(masked.unwrap_or(k));
+            }
+            if let Some(n) = &name {
+                headers.append(n.clone(), v);
+            }
+        }
+    }
     for value in headers.values_mut() {
-        let Ok(text) = value.to_str() else { continue };
-        if secrets.iter().any(|s| text.contains(s.as_str())) {
-            let mut clean = text.to_string();
-            for s in secrets {
-                clean = clean.replace(s.as_str(), PLACEHOLDER);
-            }
-            if let Ok(v) = HeaderValue::from_str(&clean) {
-                *value = v;
-            }
+        if let Some(clean) = mask(value.as_bytes(), secrets) {
+            // The placeholder is plain ASCII: what was valid stays valid.
+            *value = HeaderValue::from_bytes(&clean)
+                .unwrap_or_else(|_| HeaderValue::from_static(PLACEHOLDER));
         }
     }
 }
 
+/// `data` with every secret replaced by the placeholder; `None` when it holds none.
+pub fn mask(data: &[u8], secrets: &[String]) -> Option<Vec<u8>> {
+    let holds = secrets
+        .iter()
+        .any(|s| !s.is_empty() && data.windows(s.len()).any(|w| w == s.as_bytes()));
+    holds.then(|| replace_all(data, secrets))
+}
+
+/// `data` with every secret, longest first, replaced by the placeholder.
 fn replace_all(data: &[u8], secrets: &[String]) -> Vec<u8> {
     let mut out = data.to_vec();
     for s in secrets {
         let needle = s.as_bytes();
+        if needle.is_empty() {
+            continue;
+        }
         let mut result = Vec::with_capacity(out.len());
         let mut i = 0;
         while i < out.len() {
@@ -207,11 +251,13 @@ fn replace_all(data: &[u8], secrets: &[String]) -> Vec<u8> {
 
 /// A response body with every secret replaced, also across chunk boundaries:
 /// it holds back the last `longest - 1` bytes of each chunk until the next.
+/// Trailers are masked too, and go after what was held back.
 pub struct Redacted<B> {
     inner: B,
     secrets: Vec<String>,
     held: BytesMut,
     done: bool,
+    trailers: Option<HeaderMap>,
 }
 
 impl<B> Redacted<B> {
@@ -221,6 +267,7 @@ impl<B> Redacted<B> {
             secrets,
             held: BytesMut::new(),
             done: false,
+            trailers: None,
         }
     }
     fn keep(&self) -> usize {
@@ -244,14 +291,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Redacted<B> {
         let this = self.get_mut();
         loop {
             if this.done {
-                if this.held.is_empty() {
-                    return Poll::Ready(None);
+                if !this.held.is_empty() {
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(replace_all(
+                        &rest,
+                        &this.secrets,
+                    ))))));
                 }
-                let rest = this.held.split().freeze();
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(replace_all(
-                    &rest,
-                    &this.secrets,
-                ))))));
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -270,7 +317,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Redacted<B> {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    // Trailers are headers too, and may echo the key; they end the body.
+                    Err(frame) => {
+                        if let Ok(mut trailers) = frame.into_trailers() {
+                            redact_headers(&mut trailers, &this.secrets);
+                            this.trailers = Some(trailers);
+                            this.done = true;
+                        }
+                    }
                 },
             }
         }
@@ -334,6 +388,8 @@ mod tests {
             got,
             vec![
                 ("accept".into(), "*/*".into()),
+                // An answer the gateway can read for echoes of the key.
+                ("accept-encoding".into(), "identity".into()),
                 ("x-api-key".into(), "sk-real".into())
             ]
         );
@@ -367,6 +423,38 @@ mod tests {
         h.insert("x-echo", HeaderValue::from_static("Bearer sk-abcdef"));
         redact_headers(&mut h, &secrets);
         assert_eq!(h["x-echo"], PLACEHOLDER);
+    }
+
+    #[test]
+    fn every_form_of_a_key_is_masked_in_header_bytes_and_names() {
+        let g = Credential {
+            service: builtin_services()
+                .into_iter()
+                .find(|s| s.hosts == ["github.com"])
+                .unwrap(),
+            key: "ghp_X".into(),
+        };
+        // The header value whole, the bare base64 in it, then the key.
+        assert_eq!(
+            g.secrets(),
+            vec![
+                "Basic eC1hY2Nlc3MtdG9rZW46Z2hwX1g=".to_string(),
+                "eC1hY2Nlc3MtdG9rZW46Z2hwX1g=".to_string(),
+                "ghp_X".to_string()
+            ]
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-echo",
+            HeaderValue::from_bytes(b"\xffeC1hY2Nlc3MtdG9rZW46Z2hwX1g=\xfe").unwrap(),
+        );
+        h.append("x-ghp_x", HeaderValue::from_static("1"));
+        h.append("x-ghp_x", HeaderValue::from_static("2"));
+        redact_headers(&mut h, &g.secrets());
+        assert_eq!(h["x-echo"].as_bytes(), b"\xffproxy-managed\xfe");
+        let names: Vec<_> = h.get_all("x-proxy-managed").iter().collect();
+        assert_eq!(names, ["1", "2"]);
+        assert!(!h.contains_key("x-ghp_x"));
     }
 
     /// A body that yields the given chunks, one frame each.

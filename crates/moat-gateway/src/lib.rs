@@ -7,9 +7,12 @@
 //! sandboxes are made: it is handed listening sockets and a policy.
 
 pub mod credentials;
+mod echo;
+mod encoding;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod host;
+pub mod limits;
 pub mod log;
 pub mod policy;
 mod proxy;
@@ -17,6 +20,7 @@ pub mod ranges;
 pub mod tls;
 mod tunnel;
 
+pub use limits::Limits;
 pub use log::{LogEntry, LogSink};
 pub use policy::{Action, Policy, Rule, Verdict};
-pub use proxy::{Gateway, GatewayError};
+pub use proxy::{Gateway, GatewayError, LoopbackDialer};

@@ -5,6 +5,12 @@
 //! the sandbox's CA (unless a bypass rule says otherwise), so that the
 //! gateway sees each request, refuses domain fronting, and puts API keys in;
 //! anything else is tunnelled as it is.
+//!
+//! Every wait a client controls has a timeout, and each sandbox may hold a
+//! bounded number of connections (see limits.rs); a policy change reaches
+//! open connections too: each request inside a keep-alive connection or an
+//! intercepted tunnel is decided again, and a tunnel that is not
+//! intercepted is closed when its host is blocked.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,28 +33,40 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::credentials::{for_host, redact_headers, Credential, Redacted};
+use crate::credentials::{for_host, Credential};
+use crate::encoding::BoxError;
 use crate::host::{normalize, split_host_port, Host};
+use crate::limits::{Activity, Held, Limits, Slot, Slots};
 use crate::log::{now_rfc3339, LogEntry, LogSink};
 use crate::policy::{Action, Policy, Verdict};
 use crate::tls::{CaPem, Leaves};
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's head, unless the
-/// daemon's configuration says otherwise.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests whose head is larger than this get 431.
 const MAX_HEAD: usize = 64 * 1024;
+/// How long the accept loop rests when the process is out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Opens a connection in place of one to a port of the host's loopback:
+/// the daemon hands such doors to a sandbox for services that must answer
+/// it differently from the host's own processes (the model runner's
+/// sandbox scope). Called off the gateway's reactor; it may block briefly.
+pub type LoopbackDialer = Arc<dyn Fn() -> std::io::Result<std::net::TcpStream> + Send + Sync>;
 
 /// One sandbox's side of the gateway.
 struct Gate {
     name: String,
     policy: RwLock<Policy>,
+    /// Told of every policy change, so that open tunnels look again at once.
+    policy_changed: tokio::sync::watch::Sender<()>,
     /// Leaf certificates from the sandbox's CA; without a CA nothing is intercepted.
     leaves: Option<Arc<Leaves>>,
     stop: tokio::sync::watch::Sender<bool>,
+    slots: Arc<Slots>,
+    /// Ports of the host's loopback that lead elsewhere for this sandbox.
+    loopback: HashMap<u16, LoopbackDialer>,
 }
 
 /// What every connection of every sandbox shares.
@@ -60,8 +78,13 @@ struct Shared {
     local: Vec<IpAddr>,
     client_tls: Arc<rustls::ClientConfig>,
     credentials: RwLock<Arc<Vec<Credential>>>,
-    /// Milliseconds a client may take to send a request's head.
-    header_timeout_ms: std::sync::atomic::AtomicU64,
+    limits: RwLock<Limits>,
+}
+
+impl Shared {
+    fn limits(&self) -> Limits {
+        *read(&self.limits)
+    }
 }
 
 /// The gateway: its own runtime, and the sandboxes it serves.
@@ -104,7 +127,7 @@ impl Gateway {
             client_tls: crate::tls::client_config(extra_ca)?,
             names: RwLock::new(HashMap::new()),
             credentials: RwLock::new(Arc::new(Vec::new())),
-            header_timeout_ms: std::sync::atomic::AtomicU64::new(HEADER_TIMEOUT.as_millis() as u64),
+            limits: RwLock::new(Limits::default()),
         };
         Ok(Gateway {
             runtime,
@@ -113,13 +136,18 @@ impl Gateway {
         })
     }
 
-    /// How long a client may take to send a request's head before its
-    /// connection is closed (slow clients hold no connection for long).
-    pub fn set_header_timeout(&self, timeout: Duration) {
-        self.shared.header_timeout_ms.store(
-            timeout.as_millis().max(1) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// Every limit at once (timeouts, connections per sandbox); connections
+    /// opened from now on get them.
+    pub fn set_limits(&self, limits: Limits) {
+        *self
+            .shared
+            .limits
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = limits;
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.shared.limits()
     }
 
     /// Serve the sandbox `id` (called `name`) on `listener`, its door.
@@ -131,14 +159,31 @@ impl Gateway {
         ca: Option<&CaPem>,
         listener: std::net::TcpListener,
     ) -> Result<(), GatewayError> {
+        self.attach_with(id, name, policy, ca, listener, HashMap::new())
+    }
+
+    /// [`Gateway::attach`], with ports of the host's loopback that lead to
+    /// `loopback`'s dialers instead, once the policy allows them.
+    pub fn attach_with(
+        &self,
+        id: &str,
+        name: &str,
+        policy: Policy,
+        ca: Option<&CaPem>,
+        listener: std::net::TcpListener,
+        loopback: HashMap<u16, LoopbackDialer>,
+    ) -> Result<(), GatewayError> {
         listener.set_nonblocking(true).map_err(GatewayError::Door)?;
         let leaves = ca.map(Leaves::new).transpose()?.map(Arc::new);
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let gate = Arc::new(Gate {
             name: name.to_string(),
             policy: RwLock::new(policy),
+            policy_changed: tokio::sync::watch::channel(()).0,
             leaves,
             stop,
+            slots: Arc::new(Slots::default()),
+            loopback,
         });
         if let Some(old) = lock(&self.gates).insert(id.to_string(), Arc::clone(&gate)) {
             let _ = old.stop.send(true);
@@ -146,32 +191,23 @@ impl Gateway {
         let shared = Arc::clone(&self.shared);
         let _enter = self.runtime.enter();
         let listener = TcpListener::from_std(listener).map_err(GatewayError::Door)?;
-        self.runtime.spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let conn = Conn::new(Arc::clone(&gate), Arc::clone(&shared));
-                        let mut stopped = stopped.clone();
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                _ = conn.serve(stream) => {}
-                                _ = stopped.changed() => {}
-                            }
-                        });
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
-        });
+        self.runtime
+            .spawn(accept_loop(listener, gate, shared, stopped));
         Ok(())
     }
 
-    /// Apply a new policy to a running sandbox: from its next request on.
+    /// Apply a new policy to a running sandbox: from its next request on,
+    /// also inside open connections; open tunnels to a host it blocks close.
     pub fn set_policy(&self, id: &str, policy: Policy) {
         if let Some(gate) = lock(&self.gates).get(id) {
             *gate.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+            gate.policy_changed.send_replace(());
         }
+    }
+
+    /// Connections the sandbox `id` holds open through its door now.
+    pub fn open_connections(&self, id: &str) -> usize {
+        lock(&self.gates).get(id).map_or(0, |g| g.slots.open())
     }
 
     /// Names resolved to fixed addresses (and ports) instead of by DNS.
@@ -193,6 +229,52 @@ impl Gateway {
         if let Some(gate) = lock(&self.gates).remove(id) {
             let _ = gate.stop.send(true);
         }
+    }
+}
+
+/// Serve a door until its sandbox is detached: each client within the
+/// sandbox's connection cap, the rest closed at once.
+async fn accept_loop(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut starved = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if crate::limits::out_of_resources(&e) => {
+                // The pending connection stays queued; retrying at once would spin.
+                if !std::mem::replace(&mut starved, true) {
+                    tracing::warn!(
+                        "gateway: door of {}: {e}; accepting again shortly",
+                        gate.name
+                    );
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+            Err(_) => continue,
+        };
+        starved = false;
+        let limits = shared.limits();
+        let Some(slot) = gate.slots.take(limits.max_connections, &gate.name) else {
+            drop(stream);
+            continue;
+        };
+        let conn = Conn::new(Arc::clone(&gate), Arc::clone(&shared), Arc::new(slot));
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn.serve(stream) => {}
+                _ = stopped.changed() => {}
+            }
+        });
     }
 }
 
@@ -238,6 +320,9 @@ struct Conn {
     shared: Arc<Shared>,
     /// The upstream connection of the last request, kept alive for the next.
     upstream: Arc<tokio::sync::Mutex<Option<Upstream>>>,
+    /// The client's place under its sandbox's cap, held as long as the
+    /// connection or a tunnel made of it lives.
+    slot: Arc<Slot>,
 }
 
 fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -298,6 +383,19 @@ fn request_target(req: &Request<Incoming>) -> Result<Target, String> {
     })
 }
 
+/// Whether the request names its host more than once: the first Host is the
+/// one checked, and an upstream may read another.
+fn duplicate_host(req: &Request<Incoming>) -> bool {
+    req.headers().get_all(header::HOST).iter().nth(1).is_some()
+}
+
+fn duplicate_host_response() -> Response<ProxyBody> {
+    text_response(
+        StatusCode::BAD_REQUEST,
+        "moat: a request must name its host once: send a single Host header\n".into(),
+    )
+}
+
 /// Whether the Host header and the request target's authority (HTTP/2's
 /// `:authority`), where present, name `target` (a missing port meaning `default_port`).
 fn host_header_matches(req: &Request<Incoming>, target: &Target, default_port: u16) -> bool {
@@ -354,11 +452,12 @@ struct Route {
 }
 
 impl Conn {
-    fn new(gate: Arc<Gate>, shared: Arc<Shared>) -> Conn {
+    fn new(gate: Arc<Gate>, shared: Arc<Shared>, slot: Arc<Slot>) -> Conn {
         Conn {
             gate,
             shared,
             upstream: Arc::new(tokio::sync::Mutex::new(None)),
+            slot,
         }
     }
 
@@ -368,15 +467,29 @@ impl Conn {
 
     async fn serve(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
+        let limits = self.shared.limits();
+        let activity = Activity::new();
         let me = self.clone();
+        let watched = Arc::clone(&activity);
         let service = service_fn(move |req| {
             let me = me.clone();
-            async move { Ok::<_, Infallible>(me.handle(req).await) }
+            let busy = watched.busy();
+            async move {
+                Ok::<_, Infallible>(
+                    me.handle(req)
+                        .await
+                        .map(|b| Held { inner: b, busy }.boxed()),
+                )
+            }
         });
-        let _ = http1_server(&self.shared)
+        let conn = http1_server(&limits)
             .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades()
-            .await;
+            .with_upgrades();
+        // A keep-alive connection with nothing in flight for long is closed.
+        tokio::select! {
+            _ = conn => {}
+            _ = crate::limits::idle(activity, limits.header_timeout, limits.idle_timeout) => {}
+        }
     }
 
     fn entry(
@@ -422,7 +535,16 @@ impl Conn {
                 return resp;
             }
         };
+        if duplicate_host(&req) {
+            self.sink(self.entry(&method, &target, path, &verdict, 400));
+            return duplicate_host_response();
+        }
         if req.method() == Method::CONNECT {
+            // A Host header on CONNECT names the target too; its port may go unsaid.
+            if !host_header_matches(&req, &target, target.port) {
+                self.sink(self.entry(&method, &target, path, &verdict, 421));
+                return misdirected();
+            }
             return self.tunnel(req, target, addr, verdict, started).await;
         }
         if !host_header_matches(&req, &target, 80) {
@@ -505,6 +627,14 @@ impl Conn {
                 ),
             )
         };
+        if let Some(dialer) = addr
+            .ip()
+            .is_loopback()
+            .then(|| self.gate.loopback.get(&addr.port()))
+            .flatten()
+        {
+            return self.dial_instead(Arc::clone(dialer)).await.map_err(failed);
+        }
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
@@ -515,6 +645,45 @@ impl Conn {
                 "no answer within {} s",
                 DIAL_TIMEOUT.as_secs()
             ))),
+        }
+    }
+
+    /// A connection from the daemon's dialer, in place of the host's loopback.
+    async fn dial_instead(&self, dialer: LoopbackDialer) -> Result<TcpStream, String> {
+        let dialed =
+            tokio::time::timeout(DIAL_TIMEOUT, tokio::task::spawn_blocking(move || dialer()))
+                .await
+                .map_err(|_| format!("no answer within {} s", DIAL_TIMEOUT.as_secs()))?
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        dialed.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let stream = TcpStream::from_std(dialed).map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Resolves when a tunnel to `target` at `addr` must close: its sandbox
+    /// was detached, or a policy change now refuses the host or the address.
+    fn tunnel_end(
+        &self,
+        target: &Target,
+        addr: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> {
+        let gate = Arc::clone(&self.gate);
+        let shared = Arc::clone(&self.shared);
+        let target = target.clone();
+        let mut changed = gate.policy_changed.subscribe();
+        let mut stopped = gate.stop.subscribe();
+        async move {
+            let stop = stopped.wait_for(|stop| *stop);
+            tokio::pin!(stop);
+            // Looked at once first: the policy may have changed since the tunnel was admitted.
+            while still_allowed(&gate, &shared.local, &target, addr) {
+                tokio::select! {
+                    c = changed.changed() => if c.is_err() { return },
+                    _ = &mut stop => return,
+                }
+            }
         }
     }
 
@@ -547,13 +716,22 @@ impl Conn {
             let (client, pending) = (parts.io.into_inner(), parts.read_buf);
             // Peek at the first byte: a TLS handshake starts with 0x16. A server
             // that speaks first (SMTP, a database) means this is no TLS client.
+            // A client speaks first at once (a TLS hello) or the server does:
+            // a tunnel where neither says anything within the head timeout closes.
             let tls = match pending.first() {
                 Some(b) => *b == 0x16,
                 None => {
                     let mut first = [0u8; 1];
+                    let idle = me.shared.limits().header_timeout;
                     tokio::select! {
                         peeked = client.peek(&mut first) => matches!(peeked, Ok(1)) && first[0] == 0x16,
                         _ = upstream.readable() => false,
+                        _ = tokio::time::sleep(idle) => {
+                            let mut entry = me.entry("CONNECT", &target, None, &verdict, 200);
+                            entry.duration_ms = started.elapsed().as_millis() as u64;
+                            me.sink(entry);
+                            return;
+                        }
                     }
                 }
             };
@@ -582,7 +760,7 @@ impl Conn {
                     .await
                 }
                 _ => {
-                    me.pipe(client, &pending, upstream, target, verdict, started)
+                    me.pipe(client, &pending, upstream, (target, addr), verdict, started)
                         .await
                 }
             }
@@ -600,7 +778,7 @@ impl Conn {
         client: TcpStream,
         pending: &[u8],
         upstream: TcpStream,
-        target: Target,
+        (target, addr): (Target, SocketAddr),
         verdict: Verdict,
         started: Instant,
     ) {
@@ -612,7 +790,9 @@ impl Conn {
         };
         // The kernel moves the bytes (see tunnel.rs): a tunnel carries bulk data.
         if sent.is_ok() {
-            if let Ok((up, down)) = crate::tunnel::relay(client, upstream).await {
+            let idle = self.shared.limits().tunnel_idle_timeout;
+            let end = self.tunnel_end(&target, addr);
+            if let Ok((up, down)) = crate::tunnel::relay(client, upstream, idle, end).await {
                 entry.bytes_up = pending.len() as u64 + up;
                 entry.bytes_down = down;
             }
@@ -637,7 +817,10 @@ impl Conn {
         let Ok(config) = crate::tls::server_config(&leaves, &name) else {
             return;
         };
-        let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(client).await else {
+        let limits = self.shared.limits();
+        // A client that starts a handshake and stalls holds nothing for long.
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
+        let Ok(Ok(tls)) = tokio::time::timeout(limits.tls_handshake_timeout, accept).await else {
             self.sink(self.entry("CONNECT", &route.target, None, &route.verdict, 400));
             return;
         };
@@ -646,27 +829,51 @@ impl Conn {
             normalize(sni).ok().map(loopback_alias) == Some(route.target.host.clone())
         });
         route.tls = ServerName::try_from(name).ok();
-        let inner = Conn::new(Arc::clone(&self.gate), Arc::clone(&self.shared));
+        let inner = self.clone_fresh();
         let route = Arc::new(route);
         let first = Arc::new(Mutex::new(Some(upstream)));
+        let activity = Activity::new();
+        let watched = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
             let inner = inner.clone();
             let route = Arc::clone(&route);
             let first = Arc::clone(&first);
+            let busy = watched.busy();
             async move {
-                Ok::<_, Infallible>(inner.handle_intercepted(req, &route, sni_ok, &first).await)
+                let resp = inner.handle_intercepted(req, &route, sni_ok, &first).await;
+                Ok::<_, Infallible>(resp.map(|b| Held { inner: b, busy }.boxed()))
             }
         });
-        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        } else {
-            let _ = http1_server(&self.shared)
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+        let serve = async move {
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+            } else {
+                let _ = http1_server(&limits)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            }
+        };
+        // HTTP/2 has no head timeout of its own: the first request must come
+        // within the head timeout, the next ones within the idle timeout.
+        let mut stopped = self.gate.stop.subscribe();
+        tokio::select! {
+            _ = serve => {}
+            _ = crate::limits::idle(activity, limits.header_timeout, limits.idle_timeout) => {}
+            _ = stopped.wait_for(|stop| *stop) => {}
         }
+    }
+
+    /// A connection of the same client with no upstream connection yet.
+    fn clone_fresh(&self) -> Conn {
+        Conn::new(
+            Arc::clone(&self.gate),
+            Arc::clone(&self.shared),
+            Arc::clone(&self.slot),
+        )
     }
 
     async fn handle_intercepted(
@@ -679,12 +886,24 @@ impl Conn {
         let started = Instant::now();
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
+        if duplicate_host(&req) {
+            self.sink(self.entry(&method, &route.target, Some(path), &route.verdict, 400));
+            return duplicate_host_response();
+        }
         if !sni_ok || !host_header_matches(&req, &route.target, 443) {
             self.sink(self.entry(&method, &route.target, Some(path), &route.verdict, 421));
             return misdirected();
         }
-        // A policy change applies to the next request, also inside a tunnel.
-        let verdict = read(&self.gate.policy).decide_host(&route.target.host, route.target.port);
+        // A policy change applies to the next request, also inside a tunnel:
+        // the host, and the address it was dialled at (a CIDR rule).
+        let verdict = {
+            let policy = read(&self.gate.policy);
+            let host = policy.decide_host(&route.target.host, route.target.port);
+            match host.allowed() {
+                true => policy.decide_address(&host, route.addr.ip(), &self.shared.local),
+                false => host,
+            }
+        };
         if !verdict.allowed() {
             self.sink(self.entry(&method, &route.target, Some(path), &verdict, 403));
             return self.forbidden(&route.target, &verdict);
@@ -781,7 +1000,17 @@ impl Conn {
                     Some(name) => {
                         let connector =
                             tokio_rustls::TlsConnector::from(Arc::clone(&self.shared.client_tls));
-                        match connector.connect(name.clone(), stream).await {
+                        let limit = self.shared.limits().tls_handshake_timeout;
+                        let connected =
+                            tokio::time::timeout(limit, connector.connect(name.clone(), stream))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        format!("no handshake within {} s", limit.as_secs()),
+                                    ))
+                                });
+                        match connected {
                             Ok(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
                                 hyper::client::conn::http2::handshake(
                                     hyper_util::rt::TokioExecutor::new(),
@@ -842,7 +1071,6 @@ impl Conn {
         *cache = Some((route.addr, sender));
         drop(cache);
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
         let entry = self.entry(
             &method,
             &route.target,
@@ -863,16 +1091,30 @@ impl Conn {
             guard: Some(guard),
         };
         match credential {
-            Some(c) => {
-                // Whatever echoes the key back gets the placeholder; the length changes with it.
-                let secrets = c.secrets();
-                redact_headers(&mut parts.headers, &secrets);
-                parts.headers.remove(header::CONTENT_LENGTH);
-                Response::from_parts(parts, Redacted::new(counted, secrets).boxed())
+            // Whatever echoes the key back gets the placeholder.
+            Some(c) => match crate::echo::masked(&mut parts, counted, c.secrets()) {
+                Ok(body) => {
+                    strip_hop_by_hop(&mut parts.headers);
+                    Response::from_parts(parts, body)
+                }
+                Err(why) => text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("moat: {}: {why}\n", route.target.host),
+                ),
+            },
+            None => {
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, counted.map_err(Into::into).boxed())
             }
-            None => Response::from_parts(parts, counted.boxed()),
         }
     }
+}
+
+/// Whether the current policy still lets the sandbox reach `target` at `addr`.
+fn still_allowed(gate: &Gate, local: &[IpAddr], target: &Target, addr: SocketAddr) -> bool {
+    let policy = read(&gate.policy);
+    let host = policy.decide_host(&target.host, target.port);
+    host.allowed() && policy.decide_address(&host, addr.ip(), local).allowed()
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -982,14 +1224,12 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Builder for the proxy's HTTP/1.1 server side.
-fn http1_server(shared: &Shared) -> hyper::server::conn::http1::Builder {
-    let timeout = shared
-        .header_timeout_ms
-        .load(std::sync::atomic::Ordering::Relaxed);
+/// Builder for the proxy's HTTP/1.1 server side: every request's head,
+/// the first and each next on a keep-alive connection, within the timeout.
+fn http1_server(limits: &Limits) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(timeout))
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD);
     b
 }

@@ -7,11 +7,18 @@
 //! what the tunnel's throughput hangs on when the sandbox, the gateway and
 //! the upstream share few cores. A large pipe matters as much as splice
 //! itself: with the default 64 KiB, every move is too small to pay off.
+//!
+//! A tunnel ends when both directions have, when it has carried nothing
+//! either way for its idle timeout, or when the caller's `end` resolves
+//! (its sandbox was detached, or a policy change blocked its host).
 
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The pipe asked for: F_SETPIPE_SZ beyond fs.pipe-max-size (1 MiB by
 /// default) is refused for the unprivileged, and then the default stays.
@@ -24,17 +31,25 @@ const COPY_BUF: usize = 256 << 10;
 const STACK: usize = 64 << 10;
 
 /// Bytes moved each way, up (client to upstream) and down, once both
-/// directions have ended or one of them failed.
+/// directions have ended, one of them failed, the tunnel was `idle` that
+/// long, or `end` resolved.
 pub(crate) async fn relay(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
+    idle: Duration,
+    end: impl Future<Output = ()>,
 ) -> std::io::Result<(u64, u64)> {
     let client = Arc::new(blocking(client)?);
     let upstream = Arc::new(blocking(upstream)?);
     // Whatever ends this task (the runtime going away included) ends the tunnel.
     let cut = Cut([Arc::clone(&client), Arc::clone(&upstream)]);
-    let up = spawn(Arc::clone(&client), Arc::clone(&upstream))?;
-    let down = match spawn(upstream, client) {
+    let clock = Arc::new(Clock::new());
+    let up = spawn(
+        Arc::clone(&client),
+        Arc::clone(&upstream),
+        Arc::clone(&clock),
+    )?;
+    let down = match spawn(upstream, client, Arc::clone(&clock)) {
         Ok(down) => down,
         Err(e) => {
             drop(cut);
@@ -42,9 +57,57 @@ pub(crate) async fn relay(
             return Err(e);
         }
     };
-    let (up, down) = tokio::join!(up, down);
-    drop(cut);
+    let both = async { tokio::join!(up, down) };
+    tokio::pin!(both);
+    tokio::pin!(end);
+    let quiet = async {
+        loop {
+            let quiet = clock.quiet();
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    let (up, down) = tokio::select! {
+        done = &mut both => done,
+        _ = quiet => {
+            drop(cut);
+            both.await
+        }
+        _ = &mut end => {
+            drop(cut);
+            both.await
+        }
+    };
     Ok((up.unwrap_or(0), down.unwrap_or(0)))
+}
+
+/// When the tunnel last moved a byte, either way.
+struct Clock {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last byte.
+    fn quiet(&self) -> Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
 }
 
 /// The socket, out of the reactor and blocking again.
@@ -58,13 +121,14 @@ fn blocking(stream: tokio::net::TcpStream) -> std::io::Result<TcpStream> {
 fn spawn(
     from: Arc<TcpStream>,
     to: Arc<TcpStream>,
+    clock: Arc<Clock>,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<u64>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("moat-tunnel".into())
         .stack_size(STACK)
         .spawn(move || {
-            let _ = tx.send(forward(&from, &to));
+            let _ = tx.send(forward(&from, &to, &clock));
         })?;
     Ok(rx)
 }
@@ -72,11 +136,11 @@ fn spawn(
 /// Move bytes from `from` to `to` until `from` ends, then end writing to
 /// `to` (a half-close the other side sees as EOF). A failure ends both
 /// directions: the other thread's blocked call returns at once.
-fn forward(from: &TcpStream, to: &TcpStream) -> u64 {
+fn forward(from: &TcpStream, to: &TcpStream, clock: &Clock) -> u64 {
     let mut moved = 0;
     let done = match Pipe::new() {
-        Ok(pipe) => splice_all(from, to, &pipe, &mut moved),
-        Err(_) => copy_all(from, to, &mut moved),
+        Ok(pipe) => splice_all(from, to, &pipe, clock, &mut moved),
+        Err(_) => copy_all(from, to, clock, &mut moved),
     };
     match done {
         Ok(()) => {
@@ -94,6 +158,7 @@ fn splice_all(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
+    clock: &Clock,
     moved: &mut u64,
 ) -> std::io::Result<()> {
     loop {
@@ -101,6 +166,7 @@ fn splice_all(
         if n == 0 {
             return Ok(());
         }
+        clock.touch();
         let mut left = n;
         while left > 0 {
             let sent = splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)?;
@@ -109,12 +175,18 @@ fn splice_all(
             }
             left -= sent;
             *moved += sent as u64;
+            clock.touch();
         }
     }
 }
 
 /// The same through a buffer, for when the pipe cannot be made (out of files).
-fn copy_all(mut from: &TcpStream, mut to: &TcpStream, moved: &mut u64) -> std::io::Result<()> {
+fn copy_all(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    clock: &Clock,
+    moved: &mut u64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let n = match from.read(&mut buf) {
@@ -123,6 +195,7 @@ fn copy_all(mut from: &TcpStream, mut to: &TcpStream, moved: &mut u64) -> std::i
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        clock.touch();
         to.write_all(&buf[..n])?;
         *moved += n as u64;
     }

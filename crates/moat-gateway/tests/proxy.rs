@@ -339,6 +339,11 @@ fn a_thousand_concurrent_connections_are_served() {
     raise_fd_limit();
     let port = upstream();
     let s = setup(allow_localhost());
+    // Above the per-sandbox cap's default: this measures the gateway, not the cap.
+    s.gateway.set_limits(moat_gateway::Limits {
+        max_connections: 2000,
+        ..Default::default()
+    });
     let barrier = Arc::new(std::sync::Barrier::new(1000));
     let handles: Vec<_> = (0..1000)
         .map(|i| {

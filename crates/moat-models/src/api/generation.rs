@@ -181,21 +181,27 @@ impl ModelService {
         self: &Arc<Self>,
         input: &ChatInput,
     ) -> Result<(Arc<Worker>, String, Option<ToolFormat>), ApiError> {
+        check_messages(input.messages.len(), self.limits().max_messages)?;
         let (worker, model) = self.load(&input.model, input.keep_alive).await?;
-        let loaded = &worker.loaded;
-        let template = self.template_for(&model, loaded)?;
+        let template = self.template_for(&model, &worker.loaded)?;
         let offered = !input.tools.is_empty() && input.tool_choice != ToolChoice::None;
         let format = offered.then(|| template.tool_format());
-        let ctx = chat::RenderContext {
-            messages: &input.messages,
-            tools: offered.then_some(&input.tools[..]),
-            add_generation_prompt: true,
-            bos_token: &loaded.bos,
-            eos_token: &loaded.eos,
-        };
-        let prompt = template
-            .render(&ctx)
-            .map_err(|e| ApiError::bad_request(format!("the model's chat template failed: {e}")))?;
+        let (messages, tools) = (input.messages.clone(), input.tools.clone());
+        let (bos, eos) = (worker.loaded.bos.clone(), worker.loaded.eos.clone());
+        // Rendering is CPU work bounded by the template's steps: off the two
+        // async threads, which serve every other connection meanwhile.
+        let prompt = tokio::task::spawn_blocking(move || {
+            template.render(&chat::RenderContext {
+                messages: &messages,
+                tools: offered.then_some(&tools[..]),
+                add_generation_prompt: true,
+                bos_token: &bos,
+                eos_token: &eos,
+            })
+        })
+        .await
+        .map_err(|e| ApiError::new(500, format!("rendering the chat template: {e}")))?
+        .map_err(|e| ApiError::bad_request(format!("the model's chat template failed: {e}")))?;
         Ok((worker, prompt, format))
     }
 
@@ -392,6 +398,17 @@ impl Generation {
     }
 }
 
+/// A request's messages within the runner's limit: the prompt's cost grows
+/// with them before the first token, and the model is shared.
+fn check_messages(n: usize, limit: usize) -> Result<(), ApiError> {
+    if limit > 0 && n > limit {
+        return Err(ApiError::bad_request(format!(
+            "the request has {n} messages, over the model runner's limit of {limit}; send fewer, or raise the limit ([models] max_messages, MOAT_MODELS_MAX_MESSAGES)"
+        )));
+    }
+    Ok(())
+}
+
 fn tool_name(tool: &Value) -> Option<&str> {
     tool.get("function")
         .and_then(|f| f.get("name"))
@@ -416,4 +433,20 @@ pub fn random_hex(n: usize) -> String {
     }
     out.truncate(n);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_messages_are_refused_naming_the_limit() {
+        assert!(check_messages(4096, 4096).is_ok());
+        assert!(check_messages(10, 0).is_ok(), "0: no limit");
+        let e = check_messages(30_000, 4096).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("30000 messages"), "{}", e.message);
+        assert!(e.message.contains("limit of 4096"), "{}", e.message);
+        assert!(e.message.contains("max_messages"), "{}", e.message);
+    }
 }

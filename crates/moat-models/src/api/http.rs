@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -18,6 +19,17 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Request bodies larger than this get 413 (Docker Model Runner's limit).
 pub const BODY_LIMIT: usize = 10 << 20;
+
+/// The time a body may take when no door set one (a handler called
+/// outside a connection, as in tests).
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+tokio::task_local! {
+    /// How long a request's body may take to arrive once its head has: set
+    /// by the door serving the connection, so that a client sending a byte
+    /// now and then cannot hold a request (and its connection) open.
+    pub static BODY_TIMEOUT: Duration;
+}
 
 /// An error a client gets: a status and one line saying what to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,7 +91,20 @@ impl ApiError {
 }
 
 pub async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
-    match Limited::new(body, BODY_LIMIT).collect().await {
+    let limit = BODY_TIMEOUT
+        .try_with(|d| *d)
+        .unwrap_or(DEFAULT_BODY_TIMEOUT);
+    let collected = tokio::time::timeout(limit, Limited::new(body, BODY_LIMIT).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                408,
+                format!(
+                    "the request body did not arrive within {limit:?} of its head ([models] header_timeout, MOAT_MODELS_HEADER_TIMEOUT)"
+                ),
+            )
+        })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             413,

@@ -7,6 +7,7 @@
 
 mod anthropic;
 mod dmr;
+mod door;
 pub mod generation;
 pub mod http;
 mod metrics;
@@ -20,8 +21,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTemplate;
@@ -29,12 +28,27 @@ use crate::engine::{EngineError, Loaded, ModelToLoad, Runner, Worker};
 use crate::store::{Model, ModelStore, StoreError};
 use http::{ApiError, Body, Dialect};
 
+pub use door::Limits;
+
 /// Who is calling: the host sees every route, a sandbox only inference
 /// and reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Host,
     Sandbox,
+}
+
+impl Scope {
+    /// The keep-alive a request may set. A sandbox's is ignored: a model's
+    /// lifetime is shared by every sandbox and the host, so `0` from one
+    /// would unload it under the others' requests and `-1` pin it for
+    /// ever; the model keeps the runner's (or `configure`'s) keep-alive.
+    pub fn keep_alive(self, asked: Option<Option<Duration>>) -> Option<Option<Duration>> {
+        match self {
+            Scope::Host => asked,
+            Scope::Sandbox => None,
+        }
+    }
 }
 
 /// Per-model settings from `moat model configure`, kept across restarts.
@@ -56,6 +70,7 @@ pub struct ModelService {
     runtime: tokio::runtime::Runtime,
     doors: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
     templates: Mutex<HashMap<String, Arc<ChatTemplate>>>,
+    limits: Limits,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,6 +83,16 @@ impl ModelService {
         store: Arc<ModelStore>,
         runner: Arc<Runner>,
         settings_path: PathBuf,
+    ) -> std::io::Result<Arc<ModelService>> {
+        Self::with_limits(store, runner, settings_path, Limits::default())
+    }
+
+    /// [`ModelService::new`] with the doors' and requests' limits.
+    pub fn with_limits(
+        store: Arc<ModelStore>,
+        runner: Arc<Runner>,
+        settings_path: PathBuf,
+        limits: Limits,
     ) -> std::io::Result<Arc<ModelService>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -87,7 +112,12 @@ impl ModelService {
             runtime,
             doors: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
+            limits,
         }))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Serve `listener` until [`ModelService::detach`] names `key`.
@@ -100,37 +130,23 @@ impl ModelService {
         listener.set_nonblocking(true)?;
         let _enter = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         if let Some(old) = lock(&self.doors).insert(key.to_string(), stop) {
             let _ = old.send(true);
         }
-        let service = self.clone();
-        self.runtime.spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let _ = stream.set_nodelay(true);
-                        let service = service.clone();
-                        let mut stopped = stopped.clone();
-                        tokio::spawn(async move {
-                            let svc = service_fn(move |req| {
-                                let service = service.clone();
-                                async move { Ok::<_, std::convert::Infallible>(service.route(scope, req).await) }
-                            });
-                            let conn = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), svc);
-                            tokio::select! {
-                                _ = conn => {}
-                                _ = stopped.changed() => {}
-                            }
-                        });
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
-        });
+        let door = door::Door::new(key, scope, &self.limits);
+        self.runtime
+            .spawn(door::accept_loop(listener, door, self.handler(), stopped));
         Ok(())
+    }
+
+    /// The door's view of [`ModelService::route`].
+    fn handler(self: &Arc<Self>) -> door::Handler {
+        let service = self.clone();
+        Arc::new(move |scope, req| -> door::Answer {
+            let service = service.clone();
+            Box::pin(async move { service.route(scope, req).await })
+        })
     }
 
     /// Stop serving the listener registered as `key`.
@@ -184,7 +200,7 @@ impl ModelService {
             {
                 return forbidden(Dialect::Ollama);
             }
-            return ollama::handle(&self, &method, rest, req).await;
+            return ollama::handle(&self, scope, &method, rest, req).await;
         }
         if path.starts_with("/models") || path.starts_with("/engines") {
             if scope == Scope::Sandbox && !dmr::read_only(&method, &path) {
@@ -239,13 +255,14 @@ impl ModelService {
             .chat_template
             .as_deref()
             .or(loaded.chat_template.as_deref());
-        let template = match ChatTemplate::for_model(source) {
+        let mut template = match ChatTemplate::for_model(source) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(model = %model.id, "the model's chat template does not compile ({e}); using ChatML");
                 ChatTemplate::for_model(None).map_err(|e| ApiError::new(500, e.to_string()))?
             }
         };
+        template.set_steps(self.limits.template_steps);
         let template = Arc::new(template);
         lock(&self.templates).insert(model.id.clone(), template.clone());
         Ok(template)

@@ -20,7 +20,7 @@ use super::dmr::{blocking, registry_options, start_pull, store_status};
 use super::generation::{ChatInput, FinishReason, Out, ResponseFormat, Summary, ToolCall};
 use super::http::{self, ApiError, Body, Dialect};
 use super::openai::{embed, OneOrMany};
-use super::{parse_keep_alive, ModelService};
+use super::{parse_keep_alive, ModelService, Scope};
 use crate::engine::{LoadedModel, Sampling};
 use crate::gguf::{self, GgufInfo};
 use crate::store::{Model, ModelConfig, ModelReference, Transfer};
@@ -33,6 +33,7 @@ type Request = hyper::Request<Incoming>;
 
 pub async fn handle(
     svc: &Arc<ModelService>,
+    scope: Scope,
     method: &Method,
     rest: &str,
     req: Request,
@@ -44,10 +45,10 @@ pub async fn handle(
         (&Method::GET | &Method::HEAD, "tags") => tags(svc).await,
         (&Method::GET, "ps") => ps(svc).await,
         (&Method::POST, "show") => show(svc, req).await,
-        (&Method::POST, "chat") => chat(svc, req).await,
-        (&Method::POST, "generate") => generate(svc, req).await,
-        (&Method::POST, "embed") => embed_route(svc, req).await,
-        (&Method::POST, "embeddings") => embeddings(svc, req).await,
+        (&Method::POST, "chat") => chat(svc, scope, req).await,
+        (&Method::POST, "generate") => generate(svc, scope, req).await,
+        (&Method::POST, "embed") => embed_route(svc, scope, req).await,
+        (&Method::POST, "embeddings") => embeddings(svc, scope, req).await,
         (&Method::POST, "pull") => pull(svc, req).await,
         (&Method::DELETE, "delete") => delete(svc, req).await,
         _ => Err(ApiError::not_found(format!(
@@ -429,12 +430,16 @@ struct ChatRequest {
     keep_alive: Option<Value>,
 }
 
-async fn chat(svc: &Arc<ModelService>, req: Request) -> Result<Response<Body>, ApiError> {
+async fn chat(
+    svc: &Arc<ModelService>,
+    scope: Scope,
+    req: Request,
+) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let body = http::read_body(req.into_body()).await?;
     let r: ChatRequest = http::parse(&body)?;
     let model = model_name(r.model, r.name)?;
-    let keep_alive = keep_alive_of(r.keep_alive.as_ref())?;
+    let keep_alive = scope.keep_alive(keep_alive_of(r.keep_alive.as_ref())?);
     if r.messages.is_empty() {
         return load_or_unload(svc, Shape::Chat, &model, keep_alive).await;
     }
@@ -527,16 +532,21 @@ fn generate_input(
     Ok((input, raw))
 }
 
-async fn generate(svc: &Arc<ModelService>, req: Request) -> Result<Response<Body>, ApiError> {
+async fn generate(
+    svc: &Arc<ModelService>,
+    scope: Scope,
+    req: Request,
+) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let body = http::read_body(req.into_body()).await?;
     let r: GenerateRequest = http::parse(&body)?;
     let model = model_name(r.model.clone(), r.name.clone())?;
     if r.prompt.is_empty() {
-        let keep_alive = keep_alive_of(r.keep_alive.as_ref())?;
+        let keep_alive = scope.keep_alive(keep_alive_of(r.keep_alive.as_ref())?);
         return load_or_unload(svc, Shape::Generate, &model, keep_alive).await;
     }
-    let (input, raw) = generate_input(&r, model)?;
+    let (mut input, raw) = generate_input(&r, model)?;
+    input.keep_alive = scope.keep_alive(input.keep_alive);
     answer(
         svc,
         Shape::Generate,
@@ -557,7 +567,11 @@ struct EmbedRequest {
     keep_alive: Option<Value>,
 }
 
-async fn embed_route(svc: &Arc<ModelService>, req: Request) -> Result<Response<Body>, ApiError> {
+async fn embed_route(
+    svc: &Arc<ModelService>,
+    scope: Scope,
+    req: Request,
+) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let body = http::read_body(req.into_body()).await?;
     let r: EmbedRequest = http::parse(&body)?;
@@ -567,8 +581,11 @@ async fn embed_route(svc: &Arc<ModelService>, req: Request) -> Result<Response<B
             "invalid field `dimensions`: the model's own embedding size is the only one",
         ));
     }
-    svc.load(&model, keep_alive_of(r.keep_alive.as_ref())?)
-        .await?;
+    svc.load(
+        &model,
+        scope.keep_alive(keep_alive_of(r.keep_alive.as_ref())?),
+    )
+    .await?;
     let load = started.elapsed();
     let (vectors, tokens) = embed(svc, &model, r.input.into_vec()).await?;
     Ok(http::ok_json(&json!({
@@ -591,12 +608,19 @@ struct EmbeddingsRequest {
 
 /// The legacy `/api/embeddings`: one prompt, one `embedding`; an empty
 /// prompt only loads the model, as Ollama does.
-async fn embeddings(svc: &Arc<ModelService>, req: Request) -> Result<Response<Body>, ApiError> {
+async fn embeddings(
+    svc: &Arc<ModelService>,
+    scope: Scope,
+    req: Request,
+) -> Result<Response<Body>, ApiError> {
     let body = http::read_body(req.into_body()).await?;
     let r: EmbeddingsRequest = http::parse(&body)?;
     let model = model_name(r.model, r.name)?;
-    svc.load(&model, keep_alive_of(r.keep_alive.as_ref())?)
-        .await?;
+    svc.load(
+        &model,
+        scope.keep_alive(keep_alive_of(r.keep_alive.as_ref())?),
+    )
+    .await?;
     if r.prompt.is_empty() {
         return Ok(http::ok_json(&json!({"embedding": []})));
     }

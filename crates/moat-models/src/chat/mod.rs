@@ -24,7 +24,7 @@
 
 pub mod grammar;
 #[cfg(test)]
-mod model_tests;
+pub(crate) mod model_tests;
 mod pyjson;
 pub mod template;
 pub mod tools;
@@ -32,6 +32,12 @@ pub mod tools;
 pub use grammar::{json_object_gbnf, json_schema_to_gbnf, tool_call_gbnf, ToolChoice};
 pub use template::{render, Capabilities, ChatTemplate, RenderContext, RenderOptions, CHATML};
 pub use tools::{Parsed, ToolCall, ToolFormat};
+
+/// The steps (MiniJinja's fuel, about one per template instruction) one
+/// render may take unless configured otherwise. Known templates take a
+/// few dozen per message, so this is tens of thousands of messages' worth,
+/// and a fraction of a second.
+pub const DEFAULT_TEMPLATE_STEPS: u64 = 20_000_000;
 
 /// Why a conversation could not be turned into a prompt, or a grammar could
 /// not be made.
@@ -43,6 +49,9 @@ pub enum ChatError {
     /// The template failed while rendering (an unknown filter, a type error).
     #[error("rendering the model's chat template failed: {0}")]
     TemplateRender(String),
+    /// The render took more steps than allowed.
+    #[error("the chat template took more than {0} steps for this request: send fewer or shorter messages, or raise the limit ([models] template_steps, MOAT_MODELS_TEMPLATE_STEPS)")]
+    TooManySteps(u64),
     /// The template itself refused the conversation with `raise_exception`,
     /// for instance because roles do not alternate user/assistant.
     #[error("the model's chat template refused the conversation: {0}")]

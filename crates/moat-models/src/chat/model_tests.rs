@@ -25,7 +25,7 @@ use super::grammar::{json_schema_to_gbnf, tool_call_gbnf, ToolChoice};
 use super::template::{ChatTemplate, RenderContext};
 use super::tools::parse;
 
-fn model_path() -> Option<PathBuf> {
+pub(crate) fn model_path() -> Option<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -42,12 +42,12 @@ fn model_path() -> Option<PathBuf> {
 }
 
 /// llama.cpp's backend may be started once per process.
-fn backend() -> &'static LlamaBackend {
+pub(crate) fn backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     BACKEND.get_or_init(|| LlamaBackend::init().unwrap())
 }
 
-fn load(path: &PathBuf, vocab_only: bool) -> LlamaModel {
+pub(crate) fn load(path: &PathBuf, vocab_only: bool) -> LlamaModel {
     let params = LlamaModelParams::default().with_vocab_only(vocab_only);
     LlamaModel::load_from_file(backend(), path, &params).unwrap()
 }

@@ -91,6 +91,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     format: ToolFormat,
     caps: Capabilities,
+    /// The steps one render may take.
+    steps: u64,
 }
 
 /// Renders `template` once (compiling and probing it first); servers should
@@ -108,6 +110,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
+        env.set_fuel(Some(super::DEFAULT_TEMPLATE_STEPS));
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| ChatError::TemplateSyntax(describe(&e)))?;
         let mut template = ChatTemplate {
@@ -122,6 +125,7 @@ impl ChatTemplate {
                 requires_typed_content: false,
                 requires_string_arguments: false,
             },
+            steps: super::DEFAULT_TEMPLATE_STEPS,
         };
         template.caps = template.probe();
         Ok(template)
@@ -131,6 +135,14 @@ impl ChatTemplate {
     /// ChatML when it carries none.
     pub fn for_model(gguf_template: Option<&str>) -> Result<ChatTemplate, ChatError> {
         ChatTemplate::new(gguf_template.unwrap_or(CHATML))
+    }
+
+    /// Bound each render to `steps` (MiniJinja's fuel), so that no request
+    /// holds a CPU for long however many messages it carries; a render
+    /// that needs more fails with [`ChatError::TooManySteps`].
+    pub fn set_steps(&mut self, steps: u64) {
+        self.steps = steps.max(1);
+        self.env.set_fuel(Some(self.steps));
     }
 
     /// The tool-call syntax this template's model emits.
@@ -214,6 +226,7 @@ impl ChatTemplate {
             .render(JValue::from_iter(context))
             .map_err(|e| match refusal(&e) {
                 Some(message) => ChatError::Refused(message),
+                None if e.kind() == ErrorKind::OutOfFuel => ChatError::TooManySteps(self.steps),
                 None => ChatError::TemplateRender(describe(&e)),
             })
     }
@@ -1700,5 +1713,67 @@ mod tests {
                 "26 July 24 12 PM %".to_owned(),
             ]
         );
+    }
+
+    /// A conversation of `n` alternating turns, as a long agent session.
+    fn turns(n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                json!({"role": role, "content": format!("turn {i}")})
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_most_messages_allowed_render_within_the_default_steps() {
+        let messages = turns(crate::api::Limits::default().max_messages);
+        for (name, source) in [
+            ("qwen", QWEN),
+            ("llama", LLAMA),
+            ("mistral", MISTRAL),
+            ("gemma", GEMMA),
+            ("smollm2", SMOLLM2),
+            ("chatml", CHATML),
+        ] {
+            let template = ChatTemplate::new(source).unwrap();
+            let started = std::time::Instant::now();
+            let ctx = RenderContext {
+                messages: &messages,
+                bos_token: "<s>",
+                eos_token: "</s>",
+                add_generation_prompt: true,
+                ..Default::default()
+            };
+            let prompt = template.render(&ctx);
+            assert!(prompt.is_ok(), "{name}: {prompt:?}");
+            eprintln!(
+                "{name}: {} messages in {:?}",
+                messages.len(),
+                started.elapsed()
+            );
+        }
+    }
+
+    #[test]
+    fn a_render_over_its_steps_is_refused_naming_the_limit() {
+        // Quadratic in the messages, as a careless template might be.
+        let quadratic =
+            "{% for m in messages %}{% for n in messages %}{{ n.role }}{% endfor %}{% endfor %}";
+        let mut template = ChatTemplate::new(quadratic).unwrap();
+        template.set_steps(100_000);
+        let messages = turns(2_000);
+        let ctx = RenderContext {
+            messages: &messages,
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let err = template.render(&ctx).unwrap_err();
+        assert_eq!(err, ChatError::TooManySteps(100_000));
+        assert!(err.to_string().contains("template_steps"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // The same render with room enough succeeds.
+        template.set_steps(100_000_000);
+        assert!(template.render(&ctx).is_ok());
     }
 }

@@ -2,12 +2,13 @@
 //! that owns a model and schedules its slots; [`supervisor`] is the
 //! runner's side that starts, feeds and watches the workers; [`protocol`]
 //! is what they say to each other; [`text`] turns tokens into the text a
-//! client may see.
+//! client may see; [`tokens`] turns prompts into tokens in linear time.
 
 mod cores;
 pub mod protocol;
 pub mod supervisor;
 mod text;
+mod tokens;
 pub mod worker;
 
 pub use protocol::{Finish, FromWorker, Generate, Loaded, Sampling, Timings};

@@ -7,6 +7,12 @@
 //! after its request ends, so the next request that shares a prefix with
 //! them (an agent resending its conversation) only pays for the new tail.
 //!
+//! Prompts are tokenized on the thread that reads the runner's messages,
+//! not in the scheduling loop, so that a long prompt delays only its own
+//! request; a step reads at most a micro-batch of prompt tokens, shortest
+//! remaining prompt first, so a short request's first token waits for at
+//! most one such step of another's.
+//!
 //! It talks to the runner over its standard input, a Unix socket; anything
 //! llama.cpp prints goes to standard error, the model's log.
 
@@ -35,6 +41,7 @@ use super::protocol::{
     ToWorker,
 };
 use super::text::{Step, TextOut};
+use super::tokens::Tokenizer;
 
 /// The argument that makes `moat` a model worker.
 pub const ROLE: &str = "__model-worker";
@@ -97,15 +104,100 @@ fn run(sock: UnixStream) -> Result<(), String> {
     };
     send(&mut out, &FromWorker::Loaded(sched.loaded(&engine)))?;
 
+    let prepare = Prepare {
+        tokenizer: Tokenizer::new(&engine.model),
+        n_ctx: sched.seq_ctx() as usize,
+    };
+    let closer = reader.try_clone().map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        while let Ok(Some(msg)) = read_frame::<ToWorker>(&mut reader) {
-            if tx.send(msg).is_err() {
-                return;
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            while let Ok(Some(msg)) = read_frame::<ToWorker>(&mut reader) {
+                if tx.send(prepare.inbound(msg)).is_err() {
+                    return;
+                }
             }
+        });
+        let served = sched.serve(&rx, &mut out);
+        // The reader blocks on the socket; the scope waits for it.
+        let _ = closer.shutdown(std::net::Shutdown::Both);
+        served
+    })
+}
+
+/// What the scheduling loop gets from the reader: requests with their
+/// prompts already tokenized.
+enum Inbound {
+    Generate(Box<Generate>, Vec<LlamaToken>),
+    Cancel(u64),
+    Embed {
+        id: u64,
+        inputs: Vec<Vec<LlamaToken>>,
+    },
+    /// Answered by the reader itself (tokens, a refused prompt).
+    Answer(FromWorker),
+    Nothing,
+}
+
+/// The reader's side: tokenizing, and refusing what cannot fit.
+struct Prepare<'m> {
+    tokenizer: Tokenizer<'m>,
+    /// Tokens of context per request.
+    n_ctx: usize,
+}
+
+impl Prepare<'_> {
+    fn inbound(&self, msg: ToWorker) -> Inbound {
+        match msg {
+            ToWorker::Generate(g) => match self.prompt(&g.prompt) {
+                Ok(tokens) => Inbound::Generate(Box::new(g), tokens),
+                Err(error) => Inbound::Answer(FromWorker::Failed {
+                    id: g.id,
+                    status: 400,
+                    error,
+                }),
+            },
+            ToWorker::Cancel { id } => Inbound::Cancel(id),
+            ToWorker::Tokenize { id, text, special } => Inbound::Answer(FromWorker::Tokens {
+                id,
+                tokens: self.tokenize(&text, special).iter().map(|t| t.0).collect(),
+            }),
+            ToWorker::Embed { id, inputs } => Inbound::Embed {
+                id,
+                inputs: inputs.iter().map(|t| self.tokenize(t, true)).collect(),
+            },
+            ToWorker::Load(_) => Inbound::Nothing,
         }
-    });
-    sched.serve(&rx, &mut out)
+    }
+
+    /// A prompt's tokens; refused unread when it has more bytes than the
+    /// context could hold tokens (each token is at most the longest
+    /// token's text; twice that for the whitespace some tokenizers drop),
+    /// so a huge prompt costs nothing here.
+    fn prompt(&self, text: &str) -> Result<Vec<LlamaToken>, String> {
+        let most = self
+            .n_ctx
+            .saturating_mul(self.tokenizer.longest_token())
+            .saturating_mul(2);
+        if text.len() > most {
+            return Err(format!(
+                "the prompt is {} bytes, more than a context of {} tokens can hold; shorten it or raise the context with `moat model configure --context-size N MODEL`",
+                text.len(),
+                self.n_ctx
+            ));
+        }
+        Ok(self.tokenize(text, true))
+    }
+
+    fn tokenize(&self, text: &str, special: bool) -> Vec<LlamaToken> {
+        let mut tokens = self.tokenizer.tokenize(text, special, special);
+        // Templates that write the BOS text themselves would get it twice.
+        let bos = self.tokenizer.bos();
+        if tokens.len() >= 2 && tokens[0] == bos && tokens[1] == bos {
+            tokens.remove(0);
+        }
+        tokens
+    }
 }
 
 /// The backend and the model, which contexts borrow.
@@ -176,7 +268,7 @@ struct Scheduler<'m> {
     embed_ctx: Option<LlamaContext<'m>>,
     spec: LoadSpec,
     slots: Vec<Slot>,
-    queue: VecDeque<Generate>,
+    queue: VecDeque<(Box<Generate>, Vec<LlamaToken>)>,
     batch: LlamaBatch<'static>,
     step: u64,
     cores: Cores,
@@ -256,7 +348,7 @@ impl<'m> Scheduler<'m> {
 
     fn serve(
         &mut self,
-        rx: &mpsc::Receiver<ToWorker>,
+        rx: &mpsc::Receiver<Inbound>,
         out: &mut BufWriter<UnixStream>,
     ) -> Result<(), String> {
         let mut events = Vec::new();
@@ -291,25 +383,18 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn handle(&mut self, msg: ToWorker, events: &mut Vec<FromWorker>) {
+    fn handle(&mut self, msg: Inbound, events: &mut Vec<FromWorker>) {
         match msg {
-            ToWorker::Generate(g) => self.queue.push_back(g),
-            ToWorker::Cancel { id } => {
-                self.queue.retain(|g| g.id != id);
+            Inbound::Generate(g, prompt) => self.queue.push_back((g, prompt)),
+            Inbound::Cancel(id) => {
+                self.queue.retain(|(g, _)| g.id != id);
                 for slot in &mut self.slots {
                     if slot.active.as_ref().is_some_and(|a| a.id == id) {
                         finish(slot, Finish::Cancelled, events);
                     }
                 }
             }
-            ToWorker::Tokenize { id, text, special } => {
-                let tokens = self.tokenize(&text, special);
-                events.push(FromWorker::Tokens {
-                    id,
-                    tokens: tokens.iter().map(|t| t.0).collect(),
-                });
-            }
-            ToWorker::Embed { id, inputs } => events.push(match self.embed(&inputs) {
+            Inbound::Embed { id, inputs } => events.push(match self.embed(&inputs) {
                 Ok((vectors, tokens)) => FromWorker::Embeddings {
                     id,
                     vectors,
@@ -317,18 +402,9 @@ impl<'m> Scheduler<'m> {
                 },
                 Err((status, error)) => FromWorker::Failed { id, status, error },
             }),
-            ToWorker::Load(_) => {}
+            Inbound::Answer(ev) => events.push(ev),
+            Inbound::Nothing => {}
         }
-    }
-
-    fn tokenize(&self, text: &str, special: bool) -> Vec<LlamaToken> {
-        let vocab = self.engine.model.vocab();
-        let mut tokens = vocab.tokenize(text.as_bytes(), special, special);
-        // Templates that write the BOS text themselves would get it twice.
-        if tokens.len() >= 2 && tokens[0] == vocab.bos() && tokens[1] == vocab.bos() {
-            tokens.remove(0);
-        }
-        tokens
     }
 
     /// Move queued requests into free slots: the idle slot whose cache
@@ -336,10 +412,9 @@ impl<'m> Scheduler<'m> {
     /// used one.
     fn admit(&mut self, events: &mut Vec<FromWorker>) {
         while self.slots.iter().any(|s| s.active.is_none()) {
-            let Some(g) = self.queue.pop_front() else {
+            let Some((g, prompt)) = self.queue.pop_front() else {
                 return;
             };
-            let prompt = self.tokenize(&g.prompt, true);
             let n_ctx = self.seq_ctx() as usize;
             if prompt.is_empty() {
                 events.push(FromWorker::Failed {
@@ -483,7 +558,12 @@ impl<'m> Scheduler<'m> {
     /// (slot, tokens added) for each.
     fn fill_batch(&mut self) -> Vec<(usize, usize)> {
         self.batch.clear();
-        let mut budget = self.spec.batch.max(1) as usize;
+        // One micro-batch a step, even for a prompt read alone: a request
+        // that arrives meanwhile (and every stream's next token) waits for
+        // one short step, not for a long prompt's whole batch. llama.cpp
+        // splits a batch into micro-batches anyway, so reading a prompt
+        // this way costs only a call per micro-batch.
+        let mut budget = self.spec.ubatch.min(self.spec.batch).max(1) as usize;
         let mut added = Vec::new();
         // Generating slots first: one token each keeps every stream moving
         // while long prompts are read in chunks beside them.
@@ -504,13 +584,14 @@ impl<'m> Scheduler<'m> {
                 }
             }
         }
-        for (index, slot) in self.slots.iter_mut().enumerate() {
+        for index in prefill_order(&self.slots) {
+            let slot = &mut self.slots[index];
             let Some(a) = slot.active.as_mut() else {
                 continue;
             };
             let start = slot.cached.len();
-            if !a.prefilling(start) || budget == 0 {
-                continue;
+            if budget == 0 {
+                break;
             }
             let n = (a.prompt.len() - start).min(budget);
             let last = start + n == a.prompt.len();
@@ -597,9 +678,7 @@ impl<'m> Scheduler<'m> {
 
     /// Mean-pooled, normalised embeddings from a second context made on
     /// first use (its cache is separate from the generating slots').
-    fn embed(&mut self, inputs: &[String]) -> Result<Embedded, (u16, String)> {
-        let tokenized: Vec<Vec<LlamaToken>> =
-            inputs.iter().map(|t| self.tokenize(t, true)).collect();
+    fn embed(&mut self, tokenized: &[Vec<LlamaToken>]) -> Result<Embedded, (u16, String)> {
         if self.embed_ctx.is_none() {
             let params = context_params(&self.spec)
                 .with_n_ubatch(self.spec.batch)
@@ -623,7 +702,7 @@ impl<'m> Scheduler<'m> {
         let limit = (self.spec.batch as usize).min(ctx.n_ctx() as usize);
         let mut vectors = Vec::new();
         let mut total = 0u32;
-        for tokens in &tokenized {
+        for tokens in tokenized {
             if tokens.is_empty() {
                 return Err((400, "an input to embed is empty".into()));
             }
@@ -703,6 +782,23 @@ fn best_slot(slots: &[Slot], prompt: &[LlamaToken]) -> Option<usize> {
             )
         })
         .map(|(i, _)| i)
+}
+
+/// The slots still reading their prompts, the least left to read first: a
+/// short request gets its first token in the next step however long the
+/// prompts beside it, and a long one still gets what the step has left.
+fn prefill_order(slots: &[Slot]) -> Vec<usize> {
+    let mut order: Vec<(usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let a = s.active.as_ref()?;
+            let left = a.prompt.len().saturating_sub(s.cached.len());
+            (left > 0).then_some((left, i))
+        })
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, i)| i).collect()
 }
 
 fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
