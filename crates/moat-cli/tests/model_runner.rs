@@ -565,7 +565,7 @@ fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
 
 #[test]
 fn a_model_port_in_use_is_reported_by_status() {
-    use_isolated_roots("model-port-taken");
+    fresh_isolated_roots("model-port-taken");
     let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let port = taken.local_addr().unwrap().port();
     package_smollm2(SMOLLM2, &[("MOAT_MODEL_PORT", port.to_string())]);
