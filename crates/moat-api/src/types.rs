@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must agree on; bumped on any breaking change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// One request per connection. Requests that start a process (`SandboxExec`)
 /// carry the caller's stdin, stdout and stderr as descriptors unless a TTY is

@@ -87,7 +87,14 @@ fn relay_until_exit(call: &Call, mut outputs: Vec<(std::fs::File, Box<dyn Write>
         if code.is_some() && outputs.is_empty() {
             break;
         }
-        let mut fds = vec![PollFd::new(call.conn.as_fd(), PollFlags::POLLIN)];
+        // The daemon's connection only until the exit code is in: it closes
+        // after that, and a closed socket is always ready.
+        let waiting = code.is_none();
+        let mut fds: Vec<PollFd> = waiting
+            .then(|| PollFd::new(call.conn.as_fd(), PollFlags::POLLIN))
+            .into_iter()
+            .collect();
+        let first_output = fds.len();
         fds.extend(
             outputs
                 .iter()
@@ -114,7 +121,7 @@ fn relay_until_exit(call: &Call, mut outputs: Vec<(std::fs::File, Box<dyn Write>
         drop(fds);
         let mut closed = vec![];
         for (i, (from, to)) in outputs.iter_mut().enumerate() {
-            if !ready[i + 1] {
+            if !ready[first_output + i] {
                 continue;
             }
             match from.read(&mut buf) {
@@ -129,7 +136,7 @@ fn relay_until_exit(call: &Call, mut outputs: Vec<(std::fs::File, Box<dyn Write>
         for i in closed.into_iter().rev() {
             outputs.remove(i);
         }
-        if ready[0] && code.is_none() {
+        if waiting && ready[0] {
             code = Some(wait_exited(call)?);
         }
     }

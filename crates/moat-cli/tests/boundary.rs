@@ -306,3 +306,87 @@ fn init_keeps_its_oom_score_and_a_default_cpu_limit_applies() {
     let limits = &sb.inspect()["limits"];
     assert_eq!(limits["cpus"].as_f64(), Some(expected), "{limits}");
 }
+
+/// A link planted in a workspace's path (through another workspace) would
+/// send the next start's mount to a host directory of root's, idmapped to
+/// the agent: the start refuses, and mounts nothing.
+#[test]
+fn a_link_planted_in_a_workspace_path_is_refused_at_the_next_start() {
+    ensure_template();
+    let ws = tempfile::Builder::new()
+        .prefix("moat-ws-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let secret = tempfile::Builder::new()
+        .prefix("moat-secret-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::create_dir_all(ws.path().join("libs/x")).unwrap();
+    std::fs::create_dir_all(secret.path().join("x")).unwrap();
+    std::fs::write(secret.path().join("x/shadow"), b"root-only\n").unwrap();
+    let name = unique("link");
+    let w = ws.path().to_str().unwrap().to_string();
+    let extra = format!("{w}/libs/x");
+    moat_ok(&["sandbox", "create", "--name", &name, "shell", &w, &extra]);
+    let sb = Sandbox {
+        name: name.clone(),
+        workspace: ws,
+    };
+    let plant = sb.sh(&format!(
+        "mv {w}/libs {w}/libs.old && ln -s {} {w}/libs && echo planted",
+        secret.path().display()
+    ));
+    assert_eq!(
+        text(&plant.stdout).trim(),
+        "planted",
+        "{}",
+        text(&plant.stderr)
+    );
+    moat_ok(&["sandbox", "stop", &name]);
+    let started = moat(&[
+        "sandbox",
+        "run",
+        &name,
+        "--",
+        "-c",
+        "cat /proc/self/mountinfo",
+    ]);
+    let err = text(&started.stderr);
+    assert!(
+        !started.status.success(),
+        "started: {}",
+        text(&started.stdout)
+    );
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(
+        std::fs::read(secret.path().join("x/shadow")).unwrap(),
+        b"root-only\n"
+    );
+}
+
+/// A process left in the background holding exec's output: the command
+/// returns once it exits, without waiting on the background process and
+/// without spinning while it drains.
+#[test]
+fn exec_returns_when_its_process_exits_though_a_background_one_holds_the_output() {
+    let sb = Sandbox::new("bg");
+    let cpu = || {
+        // SAFETY: getrusage fills the struct we pass.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+        ru.ru_utime.tv_sec as f64
+            + ru.ru_stime.tv_sec as f64
+            + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) as f64 / 1e6
+    };
+    let before = cpu();
+    let t = Instant::now();
+    let out = sb.sh("sleep 20 & echo hi");
+    let took = t.elapsed();
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(took < Duration::from_secs(10), "exec took {took:?}");
+    assert!(
+        cpu() - before < 2.0,
+        "the CLI burnt {:.1} s of CPU",
+        cpu() - before
+    );
+}

@@ -361,6 +361,15 @@ impl Config {
         if let Some(v) = get("MOAT_GATEWAY_MAX_CONNECTIONS") {
             self.gateway.max_connections = parse("MOAT_GATEWAY_MAX_CONNECTIONS", v)?;
         }
+        // Ids inside map to uid_base..uid_base+65536 and each sandbox's
+        // namespace owner above that: all of it must be unprivileged ids
+        // that no host user has.
+        if self.sandbox.uid_base < 65536 || self.sandbox.uid_base > u32::MAX - 65536 - 1_000_001 {
+            return Err(DaemonError::Config(format!(
+                "sandbox.uid_base = {}: it must be at least 65536 and leave 1,065,536 ids above it; the default is 1000000000",
+                self.sandbox.uid_base
+            )));
+        }
         self.gateway.static_names()?;
         self.gateway.limits()?;
         moat_gateway::Policy::preset(&self.gateway.default_policy)

@@ -10,16 +10,26 @@
 //! they are.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use nix::dir::{Dir, Type};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
 
 /// The file whose presence says the state is migrated.
 const MARKER: &str = "agent-ids-v2";
 
+/// Whether the state under `state` was written by an older moat.
+pub fn pending(state: &Path) -> bool {
+    !state.join(MARKER).exists()
+}
+
 /// Hand host-root-owned files in the sandboxes' trees to `agent_uid`/`agent_gid`.
+/// Sandboxes an older moat started must be stopped first: their agent is
+/// still host root and could swap what the walk is about to touch.
 pub fn agent_ids(state: &Path, images: &Path, agent_uid: u32, agent_gid: u32) {
-    let marker = state.join(MARKER);
-    if marker.exists() {
+    if !pending(state) {
         return;
     }
     let mut roots = vec![];
@@ -32,41 +42,71 @@ pub fn agent_ids(state: &Path, images: &Path, agent_uid: u32, agent_gid: u32) {
         }
     }
     let mut changed = 0usize;
-    for root in roots.iter().filter(|r| r.is_dir()) {
-        if let Ok(entries) = fs::read_dir(root) {
-            for entry in entries.flatten() {
-                changed += hand_over(&entry.path(), agent_uid, agent_gid);
-            }
-        }
+    for root in &roots {
+        // The trees' own top directories are the daemon's: open, not changed.
+        let Ok(dir) = Dir::open(
+            root.as_path(),
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let dev = nix::sys::stat::fstat(dir.as_raw_fd())
+            .map(|s| s.st_dev)
+            .ok();
+        changed += hand_over_below(dir, dev, agent_uid, agent_gid);
     }
     if changed > 0 {
         tracing::info!("gave {changed} files of the agent's in existing layers to its new host id");
     }
-    let _ = fs::write(&marker, b"");
+    let _ = fs::write(state.join(MARKER), b"");
 }
 
-/// Hand `path` and everything below it over; returns how many entries changed.
-fn hand_over(path: &Path, uid: u32, gid: u32) -> usize {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let new_uid = (meta.uid() == 0).then_some(uid);
-    let new_gid = (meta.gid() == 0).then_some(gid);
+/// Hand over every entry below `dir`, never following a symbolic link and
+/// never leaving `dir`'s file system; returns how many entries changed.
+fn hand_over_below(mut dir: Dir, dev: Option<u64>, uid: u32, gid: u32) -> usize {
+    let fd = dir.as_raw_fd();
+    let mut subdirs = vec![];
     let mut changed = 0;
-    if new_uid.is_some() || new_gid.is_some() {
-        // lchown keeps a symlink's target alone; chown clears set-id bits,
-        // which no agent file may carry anyway.
-        if std::os::unix::fs::lchown(path, new_uid, new_gid).is_ok() {
+    for entry in dir.iter().flatten() {
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let Ok(st) = nix::sys::stat::fstatat(Some(fd), name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let new_uid = (st.st_uid == 0).then_some(nix::unistd::Uid::from_raw(uid));
+        let new_gid = (st.st_gid == 0).then_some(nix::unistd::Gid::from_raw(gid));
+        if (new_uid.is_some() || new_gid.is_some())
+            && nix::unistd::fchownat(
+                Some(fd),
+                name,
+                new_uid,
+                new_gid,
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .is_ok()
+        {
             changed += 1;
         }
-    }
-    if meta.is_dir() {
-        if let Ok(entries) = fs::read_dir(path) {
-            for entry in entries.flatten() {
-                changed += hand_over(&entry.path(), uid, gid);
-            }
+        let is_dir = entry.file_type() == Some(Type::Directory)
+            || st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && Some(st.st_dev) == dev {
+            subdirs.push(name.to_owned());
         }
     }
+    for name in subdirs {
+        if let Ok(sub) = Dir::openat(
+            Some(fd),
+            name.as_c_str(),
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            changed += hand_over_below(sub, dev, uid, gid);
+        }
+    }
+    drop(dir);
     changed
 }
 
@@ -74,6 +114,7 @@ fn hand_over(path: &Path, uid: u32, gid: u32) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn root_owned_files_below_the_trees_go_to_the_agent_once() {

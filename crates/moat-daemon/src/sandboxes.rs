@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -94,7 +94,20 @@ impl Daemon {
             fs::create_dir_all(&dir)
                 .map_err(|e| DaemonError::io(format!("create {}", dir.display()), e))?;
         }
-        if !rootless {
+        let state = State::open(&paths.database())?;
+        if !rootless && crate::migrate::pending(&paths.state) {
+            // Sandboxes an older moat started run with its boundary (their
+            // agent is host root) and its init's protocol: they stop here,
+            // keeping their files, and start again under this one.
+            for row in state.all()? {
+                if let (Some(pid), Some(start)) = (row.info.pid, row.pid_start) {
+                    if process_start_time(pid) == Some(start) {
+                        tracing::warn!(name = %row.info.name, "stopping a sandbox an older moat started; `moat sandbox run` starts it again");
+                        kill_init(pid);
+                        wait_for_exit_timeout(pid, Duration::from_secs(5));
+                    }
+                }
+            }
             if let (Some(uid), Some(gid)) = (
                 idmap.host_uid(moat_sandbox::idmap::AGENT_UID),
                 idmap.host_gid(moat_sandbox::idmap::AGENT_UID),
@@ -102,7 +115,6 @@ impl Daemon {
                 crate::migrate::agent_ids(&paths.state, &paths.images(), uid, gid);
             }
         }
-        let state = State::open(&paths.database())?;
         let images = ImageStore::open(&paths.images())?;
         let models = Arc::new(moat_models::store::ModelStore::open(
             &paths.state.join("models"),
@@ -383,6 +395,10 @@ impl Daemon {
         let run_dir = self.paths.sandbox_runtime(&id);
         fs::create_dir_all(run_dir.join("rootfs"))
             .map_err(|e| DaemonError::io(format!("create {}", run_dir.display()), e))?;
+        // Init finds the root file system from here as the sandbox's root,
+        // an unprivileged id: whatever the umask, it must be able to look in.
+        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))
+            .map_err(|e| DaemonError::io(format!("chmod {}", run_dir.display()), e))?;
         let etc = self.write_etc_files(&row.info, &run_dir, &lower_dirs)?;
         let state_dir = self.paths.sandbox_state(&id);
         self.make_layer_dirs(&state_dir)?;
@@ -393,10 +409,11 @@ impl Daemon {
             upper_dir: state_dir.join("upper"),
             work_dir: state_dir.join("work"),
             rootfs: run_dir.join("rootfs"),
-            workspaces: self.workspace_mounts(&row.info.workspaces)?,
+            workspaces: Self::workspace_mounts(&row.info.workspaces),
             files: etc,
             no_new_privs: self.config.sandbox.no_new_privs,
             userns_owner: self.userns_owner(&id)?,
+            workspace_idmap: (!self.idmap.rootless).then(|| self.idmap.clone()),
         };
         let control = self.control_path(&id);
         let started = launch::start(&launch::Launch {
@@ -429,29 +446,15 @@ impl Daemon {
         Ok(info)
     }
 
-    /// The workspaces as init mounts them: as root, idmapped so that each
-    /// one's owner shows as the agent inside (the agent is an unprivileged
-    /// host id); rootless, plain binds.
-    fn workspace_mounts(&self, workspaces: &[Workspace]) -> Result<Vec<BindMount>, DaemonError> {
-        use std::os::unix::fs::MetadataExt;
+    /// The workspaces as init mounts them (as root, idmapped by the map in
+    /// the spec, to the owner init finds).
+    fn workspace_mounts(workspaces: &[Workspace]) -> Vec<BindMount> {
         workspaces
             .iter()
-            .map(|w| {
-                let meta = fs::metadata(&w.path).map_err(|e| {
-                    DaemonError::io(
-                        format!(
-                            "workspace {} (create it again, or remove the sandbox)",
-                            w.path
-                        ),
-                        e,
-                    )
-                })?;
-                Ok(BindMount {
-                    source: w.path.clone().into(),
-                    target: w.path.clone().into(),
-                    read_only: w.read_only,
-                    idmap: self.idmap.workspace_mount(meta.uid(), meta.gid()),
-                })
+            .map(|w| BindMount {
+                source: w.path.clone().into(),
+                target: w.path.clone().into(),
+                read_only: w.read_only,
             })
             .collect()
     }
@@ -460,9 +463,9 @@ impl Daemon {
     /// its own, above the range that ids inside map to, so that what the
     /// kernel counts per user (inotify instances, …) is counted per sandbox
     /// and never against host root. None rootless (the namespace is the
-    /// caller's), and where this kernel lets only root make user namespaces.
+    /// caller's).
     fn userns_owner(&self, id: &str) -> Result<Option<u32>, DaemonError> {
-        if self.idmap.rootless || !unprivileged_userns_allowed() {
+        if self.idmap.rootless {
             return Ok(None);
         }
         let slot = lock(&self.state).slot(id)?;
@@ -542,10 +545,25 @@ impl Daemon {
         let gid = self.idmap.host_gid(0).map(nix::unistd::Gid::from_raw);
         for dir in [state_dir.join("upper"), state_dir.join("work")] {
             match fs::DirBuilder::new().mode(0o755).create(&dir) {
-                Ok(()) => nix::unistd::chown(&dir, uid, gid)
-                    .map_err(|e| DaemonError::io(format!("chown {}", dir.display()), e.into()))?,
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(DaemonError::io(format!("create {}", dir.display()), e)),
+            }
+            // Also where an earlier start made it and could not finish.
+            let meta = fs::symlink_metadata(&dir)
+                .map_err(|e| DaemonError::io(format!("stat {}", dir.display()), e))?;
+            if !meta.is_dir() {
+                return Err(DaemonError::State(format!(
+                    "{} is not a directory; remove the sandbox and create it again",
+                    dir.display()
+                )));
+            }
+            use std::os::unix::fs::MetadataExt;
+            if Some(meta.uid()) != uid.map(|u| u.as_raw())
+                || Some(meta.gid()) != gid.map(|g| g.as_raw())
+            {
+                nix::unistd::chown(&dir, uid, gid)
+                    .map_err(|e| DaemonError::io(format!("chown {}", dir.display()), e.into()))?;
             }
         }
         Ok(())
@@ -598,7 +616,6 @@ impl Daemon {
                 source: path,
                 target: PathBuf::from(target),
                 read_only: true,
-                idmap: None,
             });
         }
         Ok(binds)
@@ -948,15 +965,6 @@ fn wait_for_exit_timeout(pid: i32, timeout: Duration) -> bool {
         );
     }
     exited
-}
-
-/// Whether an unprivileged process may make a user namespace here: Debian's
-/// `kernel.unprivileged_userns_clone` and Ubuntu's AppArmor switch can forbid it.
-fn unprivileged_userns_allowed() -> bool {
-    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
-    read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() != Some("0")
-        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() != Some("1")
-        && read("/proc/sys/user/max_user_namespaces").as_deref() != Some("0")
 }
 
 #[cfg(test)]

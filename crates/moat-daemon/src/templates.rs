@@ -230,6 +230,18 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let name = embedded.name;
         let files = recipe_folder(embedded)?;
+        // The build's workspace belongs to the agent's own host id (as
+        // root), so that it is mounted as it is: a recipe's third-party code
+        // writes nothing there as the folder's owner, host root.
+        if !self.idmap.rootless {
+            let agent = moat_sandbox::idmap::AGENT_UID;
+            nix::unistd::chown(
+                files.path(),
+                self.idmap.host_uid(agent).map(nix::unistd::Uid::from_raw),
+                self.idmap.host_gid(agent).map(nix::unistd::Gid::from_raw),
+            )
+            .map_err(|e| DaemonError::io("chown the recipe's folder", e.into()))?;
+        }
         let mut policy =
             Policy::preset("deny-all").map_err(|e| DaemonError::Config(e.to_string()))?;
         for host in &recipe.allow_hosts {

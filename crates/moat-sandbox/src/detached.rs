@@ -42,28 +42,69 @@ fn cpath(path: &Path) -> Result<CString, SandboxError> {
         .map_err(|_| SandboxError::Start(format!("path with a NUL byte: {}", path.display())))
 }
 
-/// A detached copy of the mount at `source` (and of those below it, with
-/// `recursive`), as a bind mount makes.
-pub fn clone_tree(source: &Path, recursive: bool) -> Result<OwnedFd, SandboxError> {
-    let c = cpath(source)?;
-    let flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | if recursive { AT_RECURSIVE } else { 0 };
-    // SAFETY: open_tree on a valid C string; we own the returned descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+/// `path` opened without following a symbolic link anywhere in it: a
+/// workspace's path was made canonical when the sandbox was created, so a
+/// link in it now was planted (by the agent, through another workspace) to
+/// send the mount elsewhere on the host.
+pub fn open_path(path: &Path) -> Result<OwnedFd, SandboxError> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    let c = cpath(path)?;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS,
+    };
+    // SAFETY: openat2 on a valid C string and a struct laid out as open_how.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
     if fd < 0 {
-        return Err(SandboxError::sys(
-            format!("open_tree {}", source.display()),
-            Errno::last(),
-        ));
+        let err = Errno::last();
+        return Err(match err {
+            Errno::ELOOP => SandboxError::Start(format!(
+                "{} has a symbolic link in its path that was not there when the sandbox was created; remove the link, or remove the sandbox and create it again",
+                path.display()
+            )),
+            e => SandboxError::sys(format!("open {}", path.display()), e),
+        });
     }
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// A detached, idmapped copy of the mount at `source` (not of those below
-/// it: each file system must support idmapping on its own).
-pub fn tree(source: &Path, map: &MountIdMap) -> Result<OwnedFd, SandboxError> {
+/// A detached copy of the mount at the opened path `at` (and of those below
+/// it, with `recursive`), as a bind mount makes.
+pub fn clone_tree(at: &OwnedFd, recursive: bool) -> Result<OwnedFd, SandboxError> {
+    let flags = OPEN_TREE_CLONE
+        | OPEN_TREE_CLOEXEC
+        | libc::AT_EMPTY_PATH as libc::c_uint
+        | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: open_tree on a descriptor we hold and an empty path; we own the result.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, at.as_raw_fd(), c"".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(SandboxError::sys("open_tree", Errno::last()));
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A detached, idmapped copy of the mount at the opened path `at` (not of
+/// those below it: each file system must support idmapping on its own).
+pub fn idmapped_tree(at: &OwnedFd, map: &MountIdMap, what: &Path) -> Result<OwnedFd, SandboxError> {
     let userns = mapping_userns(map)?;
-    let tree = clone_tree(source, false)?;
+    let tree = clone_tree(at, false)?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_IDMAP,
         attr_clr: 0,
@@ -85,128 +126,49 @@ pub fn tree(source: &Path, map: &MountIdMap) -> Result<OwnedFd, SandboxError> {
         let err = Errno::last();
         return Err(SandboxError::Start(format!(
             "cannot mount the workspace {} idmapped ({err}): its file system does not support idmapped mounts; move the workspace to a local file system (ext4, xfs, btrfs, tmpfs)",
-            source.display()
+            what.display()
         )));
     }
     Ok(tree)
 }
 
-/// The sandbox's root: an overlay of `lower` (lowest first) under `upper`.
-/// As root, this is the host's own overlay mount (as Docker's with user
-/// namespaces): the sandbox's ids reach its layers only through it.
-pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path) -> Result<OwnedFd, SandboxError> {
-    let fs = FsContext::open("overlay")?;
-    // One `lowerdir+` per layer, topmost first: a single `lowerdir` string
-    // is limited to 256 bytes by fsconfig, a few layers' paths.
-    let appended = lower
+/// The sandbox's root: an overlay of `lower` (lowest first) under `upper`,
+/// mounted at `at` and taken off it again as a detached mount. As root, this
+/// happens in a mount namespace of init's own (nothing reaches the host's),
+/// and it is the host's own overlay mount, as Docker's with user
+/// namespaces: the sandbox's ids reach its layers only through it. mount(2)
+/// rather than fsconfig, whose values are limited to 256 bytes (a few
+/// layers' paths) and which overlayfs accepts only from Linux 6.5 on.
+pub fn overlay(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    at: &Path,
+) -> Result<OwnedFd, SandboxError> {
+    let lower: Vec<String> = lower
         .iter()
         .rev()
-        .try_for_each(|l| fs.set_string("lowerdir+", &l.display().to_string()));
-    if let Err(e) = appended {
-        let joined: Vec<String> = lower
-            .iter()
-            .rev()
-            .map(|p| p.display().to_string())
-            .collect();
-        fs.set_string("lowerdir", &joined.join(":"))
-            .map_err(|_| e)?;
-    }
-    fs.set_string("upperdir", &upper.display().to_string())?;
-    fs.set_string("workdir", &work.display().to_string())?;
-    fs.set_flag("userxattr")?;
-    fs.create()?;
-    fs.mount()
-}
-
-/// A file system being configured with fsopen/fsconfig.
-struct FsContext {
-    fd: OwnedFd,
-    fstype: &'static str,
-}
-
-const FSOPEN_CLOEXEC: libc::c_uint = 1;
-const FSCONFIG_SET_FLAG: libc::c_uint = 0;
-const FSCONFIG_SET_STRING: libc::c_uint = 1;
-const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-
-impl FsContext {
-    fn open(fstype: &'static str) -> Result<FsContext, SandboxError> {
-        let c = CString::new(fstype).map_err(|_| SandboxError::Start("bad fs type".into()))?;
-        // SAFETY: fsopen on a valid C string; we own the returned descriptor.
-        let fd = unsafe { libc::syscall(libc::SYS_fsopen, c.as_ptr(), FSOPEN_CLOEXEC) };
-        if fd < 0 {
-            return Err(SandboxError::sys(format!("fsopen {fstype}"), Errno::last()));
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(FsContext { fd, fstype })
-    }
-
-    fn config(
-        &self,
-        cmd: libc::c_uint,
-        key: Option<&str>,
-        value: Option<&str>,
-    ) -> Result<(), SandboxError> {
-        let key_c = key.map(CString::new).transpose();
-        let value_c = value.map(CString::new).transpose();
-        let (Ok(key_c), Ok(value_c)) = (key_c, value_c) else {
-            return Err(SandboxError::Start(format!(
-                "{key:?} or its value has a NUL byte"
-            )));
-        };
-        let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-        // SAFETY: valid descriptor and C strings (or null where the command takes none).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                self.fd.as_raw_fd(),
-                cmd,
-                ptr(&key_c),
-                ptr(&value_c),
-                0,
-            )
-        };
-        if rc != 0 {
-            let what = match (key, value) {
-                (Some(k), Some(v)) => format!("{k}={v}"),
-                (Some(k), None) => k.to_string(),
-                _ => "create".to_string(),
-            };
-            return Err(SandboxError::sys(
-                format!("{} {}: {what}", self.fstype, "option"),
-                Errno::last(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn set_string(&self, key: &str, value: &str) -> Result<(), SandboxError> {
-        self.config(FSCONFIG_SET_STRING, Some(key), Some(value))
-    }
-
-    fn set_flag(&self, key: &str) -> Result<(), SandboxError> {
-        self.config(FSCONFIG_SET_FLAG, Some(key), None)
-    }
-
-    fn create(&self) -> Result<(), SandboxError> {
-        self.config(FSCONFIG_CMD_CREATE, None, None)
-    }
-
-    fn mount(self) -> Result<OwnedFd, SandboxError> {
-        // SAFETY: fsmount on a configured context; we own the returned descriptor.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_fsmount, self.fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(SandboxError::sys(
-                format!("fsmount {}", self.fstype),
-                Errno::last(),
-            ));
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
+        .map(|p| p.display().to_string())
+        .collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={},userxattr",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    );
+    // nodev: device nodes in an image's layers open nothing.
+    nix::mount::mount(
+        Some("overlay"),
+        at,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(|e| SandboxError::sys(format!("mount the overlay on {}", at.display()), e))?;
+    let tree = open_path(at).and_then(|fd| clone_tree(&fd, false));
+    nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| SandboxError::sys(format!("unmount {}", at.display()), e))?;
+    tree
 }
 
 /// Attach a detached mount at `target`.

@@ -30,9 +30,10 @@ pub const CONTROL_FD: RawFd = 3;
 
 /// Capabilities that root inside keeps (Docker's default set, less
 /// CAP_SETFCAP: a file capability written into a workspace would be honoured
-/// by the host); every other is dropped from the bounding set, so not even
-/// `sudo` gets it back.
-const KEPT_CAPS: &[u32] = &[0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29];
+/// by the host; and less CAP_FSETID: a write to a set-id file in a workspace
+/// must clear its bits, whoever owns it); every other is dropped from the
+/// bounding set, so not even `sudo` gets it back.
+const KEPT_CAPS: &[u32] = &[0, 1, 3, 5, 6, 7, 8, 10, 13, 18, 27, 29];
 
 /// Entry point of the `__sandbox-init` role. Reads the spec from stdin, then
 /// does the user-namespace handshake with the daemon on stdin and stdout.
@@ -57,6 +58,9 @@ fn setup_and_fork() -> Result<(), SandboxError> {
     // As root, the host's paths are reached now, as the host's root: the
     // sandbox's ids are unprivileged host ids (see mounts::HostMounts).
     let early = if Uid::effective().is_root() {
+        // A mount namespace of our own to make them in, out of the host's.
+        unshare(CloneFlags::CLONE_NEWNS)
+            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS)", e))?;
         Some(mounts::open_host_mounts(&spec)?)
     } else {
         None
@@ -115,12 +119,24 @@ enum Never {}
 
 /// Drop the host's root for `owner`, who then owns the user namespace we
 /// make next (see [`SandboxSpec::userns_owner`]).
+///
+/// CAP_SYS_ADMIN stays effective across the change, for the one call that
+/// follows, `unshare(CLONE_NEWUSER)`: where the host lets only privileged
+/// processes make user namespaces (Debian's `unprivileged_userns_clone=0`,
+/// Ubuntu's AppArmor restriction), that is what allows it. The namespace
+/// it makes leaves every host capability behind.
 fn become_owner(owner: u32) -> Result<(), SandboxError> {
+    const CAP_SYS_ADMIN: u32 = 21;
     nix::unistd::setgroups(&[]).map_err(|e| SandboxError::sys("setgroups", e))?;
     let gid = nix::unistd::Gid::from_raw(owner);
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| SandboxError::sys("setresgid", e))?;
+    // SAFETY: plain prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+        return Err(SandboxError::sys("prctl(PR_SET_KEEPCAPS)", Errno::last()));
+    }
     let uid = Uid::from_raw(owner);
-    nix::unistd::setresuid(uid, uid, uid).map_err(|e| SandboxError::sys("setresuid", e))
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| SandboxError::sys("setresuid", e))?;
+    set_caps(1 << CAP_SYS_ADMIN, 1 << CAP_SYS_ADMIN)
 }
 
 fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, SandboxError> {
@@ -371,6 +387,13 @@ fn drop_bounding_caps() -> Result<(), SandboxError> {
 
 /// Init itself keeps only what it needs to start processes as other users.
 fn restrict_own_caps() -> Result<(), SandboxError> {
+    let mask = KEPT_CAPS.iter().fold(0u64, |m, cap| m | 1 << cap);
+    set_caps(mask, mask)
+}
+
+/// capset(2) with v3 structures: these effective and permitted sets, no
+/// inheritable ones.
+fn set_caps(effective: u64, permitted: u64) -> Result<(), SandboxError> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -383,18 +406,14 @@ fn restrict_own_caps() -> Result<(), SandboxError> {
         permitted: u32,
         inheritable: u32,
     }
-    let mut mask: u64 = 0;
-    for cap in KEPT_CAPS {
-        mask |= 1 << cap;
-    }
     let lo = Data {
-        effective: mask as u32,
-        permitted: mask as u32,
+        effective: effective as u32,
+        permitted: permitted as u32,
         inheritable: 0,
     };
     let hi = Data {
-        effective: (mask >> 32) as u32,
-        permitted: (mask >> 32) as u32,
+        effective: (effective >> 32) as u32,
+        permitted: (permitted >> 32) as u32,
         inheritable: 0,
     };
     let header = Header {

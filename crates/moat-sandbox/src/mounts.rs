@@ -39,6 +39,8 @@ const PROC_READ_ONLY: &[&str] = &[
     // init, and with it the whole sandbox, first when memory runs short.
     "1/oom_score_adj",
     "1/oom_adj",
+    "1/task/1/oom_score_adj",
+    "1/task/1/oom_adj",
 ];
 const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -78,23 +80,50 @@ pub struct HostMounts {
 /// inside (it follows a process into a new mount namespace; a path from the
 /// host's root may not be open to the sandbox's ids).
 pub fn open_host_mounts(spec: &SandboxSpec) -> Result<HostMounts, SandboxError> {
+    // Nothing mounted here reaches another mount namespace, and nothing
+    // cloned from here belongs to a peer group of the host's.
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
     // Rootless, made here as the sandbox's root, so that `/` inside belongs
     // to root; as root, the daemon made them for the sandbox's root already.
     mkdir(&spec.upper_dir, 0o755)?;
     mkdir(&spec.work_dir, 0o755)?;
-    let overlay = crate::detached::overlay(&spec.lower_dirs, &spec.upper_dir, &spec.work_dir)?;
+    let overlay = crate::detached::overlay(
+        &spec.lower_dirs,
+        &spec.upper_dir,
+        &spec.work_dir,
+        &spec.rootfs,
+    )?;
     let workspaces = spec
         .workspaces
         .iter()
-        .map(|ws| match &ws.idmap {
-            Some(map) => crate::detached::tree(&ws.source, map),
-            None => crate::detached::clone_tree(&ws.source, true),
+        .map(|ws| {
+            let at = crate::detached::open_path(&ws.source)?;
+            let st = nix::sys::stat::fstat(at.as_raw_fd())
+                .map_err(|e| SandboxError::sys(format!("stat {}", ws.source.display()), e))?;
+            // The owner as it is now, from the directory that is mounted.
+            let map = spec
+                .workspace_idmap
+                .as_ref()
+                .and_then(|m| m.workspace_mount(st.st_uid, st.st_gid));
+            match map {
+                Some(map) => crate::detached::idmapped_tree(&at, &map, &ws.source),
+                None => crate::detached::clone_tree(&at, true),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     let files = spec
         .files
         .iter()
-        .map(|f| crate::detached::clone_tree(&f.source, false))
+        .map(|f| {
+            crate::detached::open_path(&f.source)
+                .and_then(|at| crate::detached::clone_tree(&at, false))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let parent = spec
         .rootfs

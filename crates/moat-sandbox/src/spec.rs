@@ -28,6 +28,11 @@ pub struct SandboxSpec {
     /// them for host root and every other sandbox.
     #[serde(default)]
     pub userns_owner: Option<u32>,
+    /// As root: the sandbox's id map, by which each workspace is mounted
+    /// idmapped so that its owner (as init finds it, from the directory it
+    /// mounts) shows as the agent. None rootless.
+    #[serde(default)]
+    pub workspace_idmap: Option<crate::idmap::IdMap>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,7 +42,4 @@ pub struct BindMount {
     /// The path inside the sandbox.
     pub target: PathBuf,
     pub read_only: bool,
-    /// Mount it idmapped, so that its owner's files show as the agent's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idmap: Option<crate::idmap::MountIdMap>,
 }
