@@ -7,6 +7,9 @@
   file I/O   untar and delete a source tree in the workspace, inside vs on the host budget: within 5 %
 
 Usage: benches/sandbox.py [--moat target/release/moat] [--runs N] [--io-runs N] [--roots DIR]
+                          [--baseline PATH] [--skip memory,io]
+--baseline PATH also measures another build of moat (a copy from before a change), interleaved with
+this one in the same loops, on roots of its own (DIR-base), and prints its figures beside.
 Uses its own state and runtime roots under --roots (/tmp/moat-bench; give two
 builds different ones), and stops its daemon at the end; the template comes
 from the cache (~/.cache/moat), built on first use.
@@ -26,19 +29,28 @@ ap.add_argument("--runs", type=int, default=200)
 ap.add_argument("--io-runs", type=int, default=21)
 ap.add_argument("--roots", default="/tmp/moat-bench")
 ap.add_argument("--skip", default="", help="comma-separated parts to leave out: memory,io")
+ap.add_argument("--baseline", default=None, help="another moat binary, measured in the same loops")
 args = ap.parse_args()
 MOAT = os.path.abspath(args.moat)
 ROOTS = args.roots
 ENV = dict(os.environ, MOAT_HOME=f"{ROOTS}/state", MOAT_RUNTIME_DIR=f"{ROOTS}/run")
 SKIP = set(filter(None, args.skip.split(",")))
+BASE = os.path.abspath(args.baseline) if args.baseline else None
+BASE_ENV = dict(os.environ, MOAT_HOME=f"{ROOTS}-base/state", MOAT_RUNTIME_DIR=f"{ROOTS}-base/run")
+
+
+def base(*a, check=True):
+    return subprocess.run([BASE, *a], env=BASE_ENV, check=check, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def stop_daemon():
-    """The daemon this bench started, by the pid in its lock file."""
-    try:
-        os.kill(int(open(f"{ROOTS}/run/moat.lock").read().strip()), 9)
-    except (OSError, ValueError):
-        pass
+    """The daemons this bench started, by the pids in their lock files."""
+    for roots in (ROOTS, f"{ROOTS}-base"):
+        try:
+            os.kill(int(open(f"{roots}/run/moat.lock").read().strip()), 9)
+        except (OSError, ValueError):
+            pass
 
 
 def moat(*a, check=True):
@@ -60,25 +72,39 @@ moat("sandbox", "reset", "-f", check=False)
 moat("template", "build", "shell") if "moat/shell:latest" not in moat("image", "ls", "-q").stdout.split() else None
 ws = tempfile.mkdtemp(prefix="moat-bench-ws-")
 moat("sandbox", "create", "--name", "bench", "shell", ws)
+if BASE:
+    base("sandbox", "reset", "-f", check=False)
+    base("template", "build", "shell") if "moat/shell:latest" not in base("image", "ls", "-q").stdout.split() else None
+    base("sandbox", "create", "--name", "bench", "shell", ws)
 
 # --- exec vs bwrap, interleaved so that noise hits both alike
-moat_t, bwrap_t = [], []
+moat_t, bwrap_t, base_t = [], [], []
 for _ in range(args.runs):
     moat_t.append(timed([MOAT, "sandbox", "exec", "bench", "true"], ENV))
     bwrap_t.append(timed(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"]))
+    if BASE:
+        base_t.append(timed([BASE, "sandbox", "exec", "bench", "true"], BASE_ENV))
 m, b = median_ms(moat_t), median_ms(bwrap_t)
 print(f"exec true:   moat {m:.2f} ms   bwrap {b:.2f} ms   ratio {m / b:.2f}x   (budget: within 2x)")
+if BASE:
+    bb = median_ms(base_t)
+    print(f"             baseline {bb:.2f} ms   ratio {bb / b:.2f}x;   moat / baseline {m / bb:.3f}")
 
 # --- create + first command
-create_t = []
+create_t, base_create_t = [], []
 for i in range(20):
-    name = f"c{i}"
-    t = time.perf_counter()
-    moat("sandbox", "create", "--name", name, "shell", ws)
-    moat("sandbox", "exec", name, "true")
-    create_t.append(time.perf_counter() - t)
-    moat("sandbox", "rm", name)
+    for times, run in [(create_t, moat)] + ([(base_create_t, base)] if BASE else []):
+        name = f"c{i}"
+        t = time.perf_counter()
+        run("sandbox", "create", "--name", name, "shell", ws)
+        run("sandbox", "exec", name, "true")
+        times.append(time.perf_counter() - t)
+        run("sandbox", "rm", name)
 print(f"create+exec: median {median_ms(create_t):.1f} ms  (p90 {sorted(create_t)[17] * 1000:.1f} ms; budget: < 100 ms)")
+if BASE:
+    print(f"             baseline median {median_ms(base_create_t):.1f} ms;   moat / baseline {median_ms(create_t) / median_ms(base_create_t):.3f}")
+if BASE:
+    base("sandbox", "reset", "-f", check=False)
 
 
 # --- memory per idle sandbox
