@@ -235,16 +235,7 @@ fn tty_session(call: &Call, master: OwnedFd, interactive: bool) -> Result<i32> {
         });
     }
     if interactive {
-        let mut to_master = std::fs::File::from(master.try_clone()?);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            let mut stdin = std::io::stdin().lock();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 || to_master.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        });
+        copy_stdin_to(std::fs::File::from(master.try_clone()?));
     }
 
     let outputs: Vec<(std::fs::File, Box<dyn Write>)> =

@@ -70,22 +70,29 @@ impl Default for GatewayConfig {
     }
 }
 
+/// A timeout from the configuration: a duration above zero, as `30s` or `10m`.
+fn positive_duration(
+    section: &str,
+    key: &str,
+    text: &str,
+) -> Result<std::time::Duration, DaemonError> {
+    humantime::parse_duration(text.trim())
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            DaemonError::Config(format!(
+                "{section}.{key}: {text:?} is not a duration above zero; write e.g. 30s or 10m"
+            ))
+        })
+}
+
 /// A fixed address for a name, and optionally the port to dial instead.
 pub type StaticNames = std::collections::HashMap<String, (std::net::IpAddr, Option<u16>)>;
 
 impl GatewayConfig {
     /// Every timeout and the connection cap, parsed, as the gateway takes them.
     pub fn limits(&self) -> Result<moat_gateway::Limits, DaemonError> {
-        let duration = |key: &str, text: &str| {
-            humantime::parse_duration(text.trim())
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    DaemonError::Config(format!(
-                        "gateway.{key}: {text:?} is not a duration; write e.g. 30s or 10m"
-                    ))
-                })
-        };
+        let duration = |key: &str, text: &str| positive_duration("gateway", key, text);
         Ok(moat_gateway::Limits {
             header_timeout: duration("header_timeout", &self.header_timeout)?,
             idle_timeout: duration("idle_timeout", &self.idle_timeout)?,
@@ -244,16 +251,7 @@ impl Default for ModelsConfig {
 impl ModelsConfig {
     /// What the model runner's doors and requests may take, parsed.
     pub fn limits(&self) -> Result<moat_models::api::Limits, DaemonError> {
-        let duration = |key: &str, text: &str| {
-            humantime::parse_duration(text.trim())
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    DaemonError::Config(format!(
-                        "models.{key}: {text:?} is not a duration; write e.g. 30s"
-                    ))
-                })
-        };
+        let duration = |key: &str, text: &str| positive_duration("models", key, text);
         Ok(moat_models::api::Limits {
             header_timeout: duration("header_timeout", &self.header_timeout)?,
             idle_timeout: duration("idle_timeout", &self.idle_timeout)?,

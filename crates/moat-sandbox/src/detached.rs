@@ -23,19 +23,12 @@ use nix::errno::Errno;
 use crate::idmap::{render, MountIdMap};
 use crate::SandboxError;
 
+use crate::mounts::{MountAttr, AT_RECURSIVE};
+
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
 
 fn cpath(path: &Path) -> Result<CString, SandboxError> {
     CString::new(path.as_os_str().as_encoded_bytes())
