@@ -35,11 +35,20 @@ fn cpath(path: &Path) -> Result<CString, SandboxError> {
         .map_err(|_| SandboxError::Start(format!("path with a NUL byte: {}", path.display())))
 }
 
-/// `path` opened without following a symbolic link anywhere in it: a
-/// workspace's path was made canonical when the sandbox was created, so a
-/// link in it now was planted (by the agent, through another workspace) to
-/// send the mount elsewhere on the host.
-pub fn open_path(path: &Path) -> Result<OwnedFd, SandboxError> {
+/// How a host path is looked up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// A path of the daemon's own (state and runtime directories), which
+    /// no sandbox can write: links in it are the host's own.
+    Own,
+    /// A workspace: its path was made canonical when the sandbox was
+    /// created, so a link in it now was planted (by the agent, through
+    /// another workspace) to send the mount elsewhere on the host.
+    NoSymlinks,
+}
+
+/// `path` opened as a place to clone a mount from, looked up as `lookup` says.
+pub fn open_path(path: &Path, lookup: Lookup) -> Result<OwnedFd, SandboxError> {
     #[repr(C)]
     struct OpenHow {
         flags: u64,
@@ -51,7 +60,11 @@ pub fn open_path(path: &Path) -> Result<OwnedFd, SandboxError> {
     let how = OpenHow {
         flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
         mode: 0,
-        resolve: RESOLVE_NO_SYMLINKS,
+        resolve: if lookup == Lookup::NoSymlinks {
+            RESOLVE_NO_SYMLINKS
+        } else {
+            0
+        },
     };
     // SAFETY: openat2 on a valid C string and a struct laid out as open_how.
     let fd = unsafe {
@@ -158,7 +171,7 @@ pub fn overlay(
         Some(data.as_str()),
     )
     .map_err(|e| SandboxError::sys(format!("mount the overlay on {}", at.display()), e))?;
-    let tree = open_path(at).and_then(|fd| clone_tree(&fd, false));
+    let tree = open_path(at, Lookup::Own).and_then(|fd| clone_tree(&fd, false));
     nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH)
         .map_err(|e| SandboxError::sys(format!("unmount {}", at.display()), e))?;
     tree

@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, pivot_root};
 
+use crate::detached::Lookup;
 use crate::spec::{BindMount, SandboxSpec};
 use crate::SandboxError;
 
@@ -103,7 +104,7 @@ pub fn open_host_mounts(spec: &SandboxSpec) -> Result<HostMounts, SandboxError> 
         .workspaces
         .iter()
         .map(|ws| {
-            let at = crate::detached::open_path(&ws.source)?;
+            let at = crate::detached::open_path(&ws.source, Lookup::NoSymlinks)?;
             let st = nix::sys::stat::fstat(at.as_raw_fd())
                 .map_err(|e| SandboxError::sys(format!("stat {}", ws.source.display()), e))?;
             // The owner as it is now, from the directory that is mounted.
@@ -121,7 +122,7 @@ pub fn open_host_mounts(spec: &SandboxSpec) -> Result<HostMounts, SandboxError> 
         .files
         .iter()
         .map(|f| {
-            crate::detached::open_path(&f.source)
+            crate::detached::open_path(&f.source, Lookup::Own)
                 .and_then(|at| crate::detached::clone_tree(&at, false))
         })
         .collect::<Result<Vec<_>, _>>()?;
