@@ -234,6 +234,9 @@ pub struct CreateSandbox {
     /// template from its registry.
     #[serde(default)]
     pub pull_template: Option<String>,
+    /// The tier; the configured default (`sandbox.isolation`) when absent.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -242,6 +245,10 @@ pub struct LimitsRequest {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// Bytes the sandbox may write (its own layer, its in-memory file
+    /// systems); 0 for no budget, absent for the configured default.
+    #[serde(default)]
+    pub disk: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -349,6 +356,33 @@ pub struct Limits {
     pub enforced: bool,
     /// Which cgroup hierarchy enforces them, or why none does.
     pub note: String,
+    /// The disk budget, enforced apart from the cgroup limits above.
+    #[serde(default = "DiskLimit::unrecorded")]
+    pub disk: DiskLimit,
+}
+
+/// What a sandbox may write: its own layer (the overlay's upper layer) and
+/// its in-memory file systems. Past it, writes fail inside with ENOSPC.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskLimit {
+    /// The budget in bytes; None for no budget.
+    pub bytes: Option<u64>,
+    /// Whether the sandbox's own layer is held to it.
+    pub enforced: bool,
+    /// What holds it ("ext4 image on a loop device"), or why nothing does.
+    pub by: String,
+}
+
+impl DiskLimit {
+    /// Sandboxes made before moat had disk budgets have none: their layer
+    /// lies on the host's file system.
+    pub fn unrecorded() -> DiskLimit {
+        DiskLimit {
+            bytes: None,
+            enforced: false,
+            by: "no budget: the sandbox was made by an older moat, without a disk image".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -365,7 +399,74 @@ pub struct SandboxInfo {
     pub ports: Vec<PortMapping>,
     /// The host pid of the sandbox's init while it runs.
     pub pid: Option<i32>,
-    pub isolation: String,
+    pub isolation: IsolationInfo,
+}
+
+/// The isolation tier a sandbox runs in. A tier is an init behind the same
+/// control socket; adding one (a micro-VM, where a host can run one) adds a
+/// value here and its init in moat-sandbox, and nothing in the gateway, the
+/// model runner or the CLI.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Linux namespaces, seccomp, Landlock and cgroups around the host's kernel.
+    #[default]
+    Namespaces,
+    /// gVisor's user-space kernel (`runsc`) between the sandbox and the host's.
+    Gvisor,
+}
+
+impl Isolation {
+    pub const ALL: [Isolation; 2] = [Isolation::Namespaces, Isolation::Gvisor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::Namespaces => "namespaces",
+            Isolation::Gvisor => "gvisor",
+        }
+    }
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Isolation, String> {
+        Isolation::ALL
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Isolation::ALL.iter().map(|i| i.name()).collect();
+                format!("unknown isolation tier {s:?}: moat has {}", names.join(", "))
+            })
+    }
+}
+
+/// How a sandbox is isolated, as `inspect` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IsolationInfo {
+    pub tier: Isolation,
+    /// gVisor: the runsc that runs it, with its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runsc: Option<String>,
+    /// gVisor: its platform (`systrap`, `ptrace` or `kvm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// The walls between the sandbox and the host, outermost first, and
+    /// whether each is up on this host.
+    #[serde(default)]
+    pub walls: Vec<Wall>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Wall {
+    pub name: String,
+    pub up: bool,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -416,6 +517,18 @@ mod tests {
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({"op": "secret_set", "name": "openai", "key": "sk-123"})
         );
+    }
+
+    #[test]
+    fn limits_stored_before_disk_budgets_read_as_unrecorded() {
+        let old: Limits = serde_json::from_str(
+            r#"{"memory": 1, "cpus": null, "pids": 2, "enforced": true, "note": "cgroup v2"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.disk, DiskLimit::unrecorded());
+        let req: LimitsRequest =
+            serde_json::from_str(r#"{"memory": null, "cpus": null, "pids": null}"#).unwrap();
+        assert_eq!(req.disk, None);
     }
 
     #[test]

@@ -75,6 +75,12 @@ struct CreateFlags {
     /// Limit on the number of processes
     #[arg(long = "pids-limit")]
     pids_limit: Option<u64>,
+    /// Disk budget: what the sandbox may write (its own layer, /dev/shm), e.g. 20g; 0 for none
+    #[arg(long)]
+    disk: Option<String>,
+    /// Isolation tier: namespaces, or gvisor (gVisor's runsc); default from `sandbox.isolation`
+    #[arg(long)]
+    isolation: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -409,6 +415,16 @@ fn create_request(
         .map(moat_daemon::config::parse_size)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    let disk = flags
+        .disk
+        .as_deref()
+        .map(|d| {
+            let bytes = moat_daemon::config::parse_size(d)?;
+            moat_daemon::disk::check_budget(bytes).map_err(|e| e.to_string())?;
+            Ok::<u64, String>(bytes)
+        })
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--disk: {e}"))?;
     Ok(CreateSandbox {
         name: flags.name.clone(),
         agent: agent.to_string(),
@@ -418,8 +434,15 @@ fn create_request(
             memory,
             cpus: flags.cpus,
             pids: flags.pids_limit,
+            disk,
         },
         pull_template: Some(flags.pull_template.clone()),
+        isolation: flags
+            .isolation
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!("--isolation: {e}"))?,
     })
 }
 
@@ -546,11 +569,12 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
                             s.name.clone(),
                             s.agent.clone(),
                             s.status.to_string(),
+                            s.isolation.tier.to_string(),
                             truncate(&ws.join(", "), 60, no_trunc),
                         ]
                     })
                     .collect();
-                table(&["SANDBOX", "AGENT", "STATUS", "WORKSPACE"], &rows);
+                table(&["SANDBOX", "AGENT", "STATUS", "ISOLATION", "WORKSPACE"], &rows);
             }
             Ok(0)
         }

@@ -145,12 +145,22 @@ pub struct SandboxConfig {
     pub cpus: CpuLimit,
     /// Default limit on processes in a sandbox; `0` for none.
     pub pids_limit: u64,
+    /// Default disk budget of a new sandbox (what its own layer and its
+    /// in-memory file systems may hold), like `10g`; `0` for none.
+    pub disk: String,
     /// As root: the first host uid/gid of the range that ids inside sandboxes map to.
     pub uid_base: u32,
     /// Set `no_new_privs` on every sandboxed process (this disables `sudo` inside).
     pub no_new_privs: bool,
     /// Seconds that `stop` waits after SIGTERM before SIGKILL.
     pub stop_timeout: u64,
+    /// The tier of a new sandbox when `create` names none: `namespaces` or `gvisor`.
+    pub isolation: moat_api::Isolation,
+    /// The gVisor tier's runsc; empty: the first `runsc` on `PATH`.
+    pub runsc: String,
+    /// The gVisor tier's platform: `auto` (systrap where runsc has it, else
+    /// ptrace), `systrap`, `ptrace` or `kvm`.
+    pub gvisor_platform: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -223,9 +233,13 @@ impl Default for SandboxConfig {
             memory: "4g".into(),
             cpus: CpuLimit::Auto(AutoWord::Auto),
             pids_limit: 4096,
+            disk: "10g".into(),
             uid_base: 1_000_000_000,
             no_new_privs: false,
             stop_timeout: 5,
+            isolation: moat_api::Isolation::Namespaces,
+            runsc: String::new(),
+            gvisor_platform: "auto".into(),
         }
     }
 }
@@ -314,6 +328,20 @@ impl Config {
         }
         if let Some(v) = get("MOAT_SANDBOX_PIDS_LIMIT") {
             self.sandbox.pids_limit = parse("MOAT_SANDBOX_PIDS_LIMIT", v)?;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_DISK") {
+            self.sandbox.disk = v;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_ISOLATION") {
+            self.sandbox.isolation = v.trim().parse().map_err(|e| {
+                DaemonError::Config(format!("MOAT_SANDBOX_ISOLATION: {e}"))
+            })?;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_RUNSC") {
+            self.sandbox.runsc = v;
+        }
+        if let Some(v) = get("MOAT_SANDBOX_GVISOR_PLATFORM") {
+            self.sandbox.gvisor_platform = v;
         }
         if let Some(v) = get("MOAT_SANDBOX_UID_BASE") {
             self.sandbox.uid_base = parse("MOAT_SANDBOX_UID_BASE", v)?;
@@ -408,11 +436,19 @@ impl Config {
         }
         self.models.limits()?;
         parse_size(&self.sandbox.memory).map_err(DaemonError::Config)?;
+        self.default_disk()?;
         Ok(())
     }
 
     pub fn default_memory(&self) -> Option<u64> {
         parse_size(&self.sandbox.memory).ok().filter(|m| *m > 0)
+    }
+
+    /// `sandbox.disk` in bytes; None for no budget (`0`).
+    pub fn default_disk(&self) -> Result<Option<u64>, DaemonError> {
+        let bad = |e: String| DaemonError::Config(format!("sandbox.disk: {e}"));
+        let bytes = parse_size(&self.sandbox.disk).map_err(bad)?;
+        crate::disk::check_budget(bytes).map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -459,6 +495,28 @@ mod tests {
         want.sandbox.memory = "1g".into();
         want.sandbox.pids_limit = 20;
         assert_eq!(cfg, want);
+    }
+
+    #[test]
+    fn the_disk_budget_comes_from_the_file_and_the_environment() {
+        assert_eq!(Config::default().default_disk().unwrap(), Some(10 << 30));
+        let mut cfg: Config = toml::from_str("[sandbox]\ndisk = \"2g\"\n").unwrap();
+        cfg.apply_env(|_| None).unwrap();
+        assert_eq!(cfg.default_disk().unwrap(), Some(2 << 30));
+        cfg.apply_env(|k| (k == "MOAT_SANDBOX_DISK").then(|| "256m".to_string()))
+            .unwrap();
+        assert_eq!(cfg.default_disk().unwrap(), Some(256 << 20));
+        cfg.apply_env(|k| (k == "MOAT_SANDBOX_DISK").then(|| "0".to_string()))
+            .unwrap();
+        assert_eq!(cfg.default_disk().unwrap(), None);
+        for bad in ["12q", "1k"] {
+            let mut cfg = Config::default();
+            let err = cfg
+                .apply_env(|k| (k == "MOAT_SANDBOX_DISK").then(|| bad.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("sandbox.disk"), "{err}");
+        }
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! sandbox crate.
 
 pub mod config;
+pub mod disk;
 mod exec;
 mod helpers;
 mod images;
+mod isolation;
 mod migrate;
 mod model_runner;
 mod models;

@@ -203,6 +203,7 @@ impl Daemon {
     /// dead ones stopped, and remove what an interrupted create left.
     pub fn reconcile(&self) -> Result<(), DaemonError> {
         let rows = lock(&self.state).all()?;
+        self.remount_disks(&rows);
         for row in rows {
             let id = row.info.id.clone();
             // A build's steps ran from the daemon that died: nothing can finish it.
@@ -251,12 +252,18 @@ impl Daemon {
             .all()?
             .into_iter()
             .filter(|r| r.phase != "creating")
-            .map(|r| r.info)
+            .map(|r| self.shown(r.info))
             .collect())
     }
 
     pub fn inspect(&self, name: &str) -> Result<SandboxInfo, DaemonError> {
-        Ok(self.row(name)?.info)
+        Ok(self.shown(self.row(name)?.info))
+    }
+
+    /// A sandbox as `ls` and `inspect` show it: with its walls on this host.
+    fn shown(&self, mut info: SandboxInfo) -> SandboxInfo {
+        info.isolation = self.isolation_info(info.isolation.tier, &info.limits);
+        info
     }
 
     pub fn create(&self, req: CreateSandbox, r: &Replies) -> Result<SandboxInfo, DaemonError> {
@@ -272,6 +279,7 @@ impl Daemon {
         }
         let agent = crate::templates::agent(&req.agent)?;
         parse_workspaces(&req.workspaces)?;
+        self.disk_budget(req.limits.disk)?;
         let template = req.template.clone().unwrap_or(agent.template);
         let image = self.resolve_image(&template, req.pull_template.as_deref(), r)?;
         self.create_from_image(&req, &image, None, r)
@@ -294,6 +302,8 @@ impl Daemon {
             }
             None => self.default_name(&req.agent, &workspaces[0].path)?,
         };
+        let disk = self.disk_budget(req.limits.disk)?;
+        let tier = self.pick_isolation(req.isolation)?;
         // An explicit 0 means no limit; an absent value takes the configured default.
         let pick = |asked: Option<u64>, default: u64| match asked {
             Some(0) => None,
@@ -310,6 +320,11 @@ impl Daemon {
             pids: pick(req.limits.pids, self.config.sandbox.pids_limit),
             enforced: false,
             note: String::new(),
+            // Whether it is enforced is known once its image is made.
+            disk: moat_api::DiskLimit {
+                bytes: disk,
+                ..Default::default()
+            },
         };
         let info = SandboxInfo {
             id: new_id(),
@@ -323,7 +338,10 @@ impl Daemon {
             limits,
             ports: vec![],
             pid: None,
-            isolation: "namespaces".into(),
+            isolation: moat_api::IsolationInfo {
+                tier,
+                ..Default::default()
+            },
         };
         let row = SandboxRow {
             info: info.clone(),
@@ -332,14 +350,21 @@ impl Daemon {
             pid_start: None,
         };
         lock(&self.state).insert(&row)?;
-        let prepared = self.make_files(&info).and_then(|()| match policy {
-            Some(p) => {
-                let text =
-                    serde_json::to_string(p).map_err(|e| DaemonError::State(e.to_string()))?;
-                lock(&self.state).set_policy(&info.id, &text)
-            }
-            None => Ok(()),
-        });
+        let prepared = self
+            .make_files(&info)
+            .and_then(|()| {
+                let mut limits = info.limits.clone();
+                limits.disk = self.make_disk(&info, r);
+                lock(&self.state).set_limits(&info.id, &limits)
+            })
+            .and_then(|()| match policy {
+                Some(p) => {
+                    let text =
+                        serde_json::to_string(p).map_err(|e| DaemonError::State(e.to_string()))?;
+                    lock(&self.state).set_policy(&info.id, &text)
+                }
+                None => Ok(()),
+            });
         if let Err(e) = prepared {
             self.remove_files(&info.id);
             lock(&self.state).delete(&info.id)?;
@@ -382,6 +407,7 @@ impl Daemon {
 
     fn start(&self, name: &str, r: &Replies) -> Result<SandboxInfo, DaemonError> {
         let row = self.row(name)?;
+        self.mount_disk(&row.info)?;
         let id = row.info.id.clone();
         let lower_dirs = self.lower_dirs(&row)?;
         let (cgroup, limits) = self.hierarchy.create(&id, &row.info.limits);
@@ -414,6 +440,8 @@ impl Daemon {
             no_new_privs: self.config.sandbox.no_new_privs,
             userns_owner: self.userns_owner(&id)?,
             workspace_idmap: (!self.idmap.rootless).then(|| self.idmap.clone()),
+            tier: self.tier_spec(row.info.isolation.tier)?,
+            tmpfs_size: crate::disk::tmpfs_size(&row.info.limits),
         };
         let control = self.control_path(&id);
         let started = launch::start(&launch::Launch {
@@ -687,6 +715,7 @@ impl Daemon {
 
     fn remove_files(&self, id: &str) {
         let _ = fs::remove_dir_all(self.paths.sandbox_runtime(id));
+        self.unmount_disk(id);
         if let Err(e) = remove_mapped(&self.exe, &self.idmap, &self.paths.sandbox_state(id)) {
             tracing::warn!("{e}");
         }

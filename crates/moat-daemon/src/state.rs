@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     pid_start  INTEGER,
     created    TEXT NOT NULL,
     policy     TEXT NOT NULL DEFAULT '',
-    netns      TEXT NOT NULL DEFAULT ''
+    netns      TEXT NOT NULL DEFAULT '',
+    isolation  TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS network_log (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -83,7 +84,7 @@ impl State {
         .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         // Columns that databases of earlier versions lack.
-        for column in ["policy", "netns"] {
+        for column in ["policy", "netns", "isolation"] {
             if conn
                 .prepare(&format!("SELECT {column} FROM sandboxes LIMIT 0"))
                 .is_err()
@@ -100,11 +101,12 @@ impl State {
     pub fn insert(&mut self, row: &SandboxRow) -> Result<(), DaemonError> {
         let i = &row.info;
         let res = self.conn.execute(
-            "INSERT INTO sandboxes (id, name, agent, template, image_id, layers, workspaces, limits, ports, status, pid, pid_start, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            "INSERT INTO sandboxes (id, name, agent, template, image_id, layers, workspaces, limits, ports, status, pid, pid_start, created, isolation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 i.id, i.name, i.agent, i.template, i.image_id, json(&row.layers), json(&i.workspaces),
-                json(&i.limits), json(&i.ports), row.phase, i.pid, row.pid_start.map(|v| v as i64), i.created
+                json(&i.limits), json(&i.ports), row.phase, i.pid, row.pid_start.map(|v| v as i64), i.created,
+                i.isolation.tier.name()
             ],
         );
         match res {
@@ -296,7 +298,7 @@ impl State {
     pub fn all(&self) -> Result<Vec<SandboxRow>, DaemonError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, name, agent, template, image_id, layers, workspaces, limits, ports, status, pid, pid_start, created FROM sandboxes ORDER BY created, name")
+            .prepare("SELECT id, name, agent, template, image_id, layers, workspaces, limits, ports, status, pid, pid_start, created, isolation FROM sandboxes ORDER BY created, name")
             .map_err(db_err)?;
         let rows = stmt.query_map([], row_from_sql).map_err(db_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
@@ -305,7 +307,7 @@ impl State {
     pub fn by_name(&self, name: &str) -> Result<Option<SandboxRow>, DaemonError> {
         self.conn
             .query_row(
-                "SELECT id, name, agent, template, image_id, layers, workspaces, limits, ports, status, pid, pid_start, created FROM sandboxes WHERE name = ?1",
+                "SELECT id, name, agent, template, image_id, layers, workspaces, limits, ports, status, pid, pid_start, created, isolation FROM sandboxes WHERE name = ?1",
                 params![name],
                 row_from_sql,
             )
@@ -336,7 +338,11 @@ fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<SandboxRow> {
         },
         pid: r.get(10)?,
         created: r.get(12)?,
-        isolation: "namespaces".into(),
+        // Rows of earlier versions have '': the namespace tier, then the only one.
+        isolation: moat_api::IsolationInfo {
+            tier: r.get::<_, String>(13)?.parse().unwrap_or_default(),
+            ..Default::default()
+        },
     };
     Ok(SandboxRow {
         info,
@@ -370,13 +376,21 @@ mod tests {
                     pids: Some(2),
                     enforced: true,
                     note: "cgroup v1".into(),
+                    disk: moat_api::DiskLimit {
+                        bytes: Some(3 << 20),
+                        enforced: true,
+                        by: "ext4 image on a loop device".into(),
+                    },
                 },
                 ports: vec![PortMapping {
                     host_port: 1,
                     sandbox_port: 2,
                 }],
                 pid: None,
-                isolation: "namespaces".into(),
+                isolation: moat_api::IsolationInfo {
+                    tier: moat_api::Isolation::Gvisor,
+                    ..Default::default()
+                },
             },
             layers: vec!["sha256:aa".into()],
             phase: "stopped".into(),

@@ -272,6 +272,9 @@ impl Daemon {
                 ..Default::default()
             },
             pull_template: None,
+            // moat's own recipes build in the namespace tier whatever the
+            // configured default: their images serve every tier.
+            isolation: Some(moat_api::Isolation::Namespaces),
         };
         lock(&self.build_watch).insert(sandbox.clone(), Fetched::new());
         let built = self

@@ -22,7 +22,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Pid, Uid};
 
-use crate::spec::SandboxSpec;
+use crate::spec::{SandboxSpec, Tier};
+use crate::user::{environment, find_program, resolve_user, User};
 use crate::{mounts, pty, seccomp, userns, SandboxError};
 
 /// The descriptor on which init finds its control socket's listener.
@@ -115,7 +116,7 @@ fn setup_and_fork() -> Result<(), SandboxError> {
     }
 }
 
-enum Never {}
+pub(crate) enum Never {}
 
 /// Drop the host's root for `owner`, who then owns the user namespace we
 /// make next (see [`SandboxSpec::userns_owner`]).
@@ -140,12 +141,19 @@ fn become_owner(owner: u32) -> Result<(), SandboxError> {
 }
 
 fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, SandboxError> {
-    mounts::build_root(spec, host)?;
-    nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
-    loopback_up()?;
     // SAFETY: the daemon passed the listener as descriptor 3 and nothing else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(CONTROL_FD) };
     set_cloexec(listener.as_raw_fd())?;
+    if let Tier::Gvisor { runsc, platform } = &spec.tier {
+        return crate::gvisor::run(spec, runsc, platform, host, listener);
+    }
+    mounts::build_root(spec, host)?;
+    // The second wall, now that `/` is the sandbox's and the last mount is
+    // made (Landlock refuses mount calls from here on), and before the
+    // seccomp filter: init and all it starts open nothing outside this tree.
+    crate::landlock::restrict_init()?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
+    loopback_up()?;
 
     let filters = seccomp::compile()?;
     drop_bounding_caps()?;
@@ -159,7 +167,47 @@ fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, Sandb
     // descriptors through /proc/1/fd, even as the sandbox's root.
     // SAFETY: plain prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    serve(listener, Forked)
+}
 
+/// How a tier starts the processes that the daemon asks for. Init serves the
+/// control socket the same way for every tier; only this differs.
+pub(crate) trait Processes {
+    /// Start `exec`: the pid of the child of ours whose exit is the
+    /// process's, and the caller's ends of its standard descriptors.
+    fn spawn(&mut self, exec: &InitExec) -> Result<(i32, Vec<OwnedFd>), String>;
+    /// Ask every process in the sandbox to end.
+    fn terminate(&mut self);
+    /// Whether nothing of the sandbox's is left to wait for, once every
+    /// process started for the daemon has ended.
+    fn settled(&mut self) -> bool;
+    /// A child of ours ended: whether the sandbox is over with it.
+    fn reaped(&mut self, _pid: i32) -> bool {
+        false
+    }
+}
+
+/// The namespace tier: processes are init's own children, forked inside.
+struct Forked;
+
+impl Processes for Forked {
+    fn spawn(&mut self, exec: &InitExec) -> Result<(i32, Vec<OwnedFd>), String> {
+        spawn(exec)
+    }
+    fn terminate(&mut self) {
+        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    }
+    fn settled(&mut self) -> bool {
+        matches!(
+            waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
+            Err(Errno::ECHILD)
+        )
+    }
+}
+
+/// Say that the sandbox is ready, then serve the daemon's requests on
+/// `listener` until a stop request or a signal ends the sandbox.
+pub(crate) fn serve(listener: UnixListener, processes: impl Processes) -> Result<Never, SandboxError> {
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -185,6 +233,7 @@ fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, Sandb
 
     let mut init = Init {
         sessions: HashMap::new(),
+        processes,
     };
     loop {
         let mut fds = [
@@ -217,12 +266,13 @@ fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, Sandb
     }
 }
 
-struct Init {
+struct Init<P> {
     /// Processes started for the daemon, with the connection that waits for their exit code.
     sessions: HashMap<i32, UnixStream>,
+    processes: P,
 }
 
-impl Init {
+impl<P: Processes> Init<P> {
     fn serve(&mut self, conn: UnixStream) {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         // Descriptors that arrive with a request are dropped unread: every
@@ -248,7 +298,7 @@ impl Init {
                     &[],
                 ),
             },
-            InitRequest::Exec(exec) => match spawn(&exec) {
+            InitRequest::Exec(exec) => match self.processes.spawn(&exec) {
                 Ok((pid, theirs)) => {
                     let fds: Vec<RawFd> = theirs.iter().map(|m| m.as_raw_fd()).collect();
                     reply(&conn, &InitReply::Started { pid }, &fds);
@@ -276,22 +326,23 @@ impl Init {
     }
 
     fn ended(&mut self, pid: i32, code: i32) {
+        let over = self.processes.reaped(pid);
         if let Some(conn) = self.sessions.remove(&pid) {
             reply(&conn, &InitReply::Exited { code }, &[]);
         }
+        if over {
+            self.stop(Duration::ZERO);
+        }
     }
 
-    /// SIGTERM to everything, SIGKILL to what is left after `grace`, then exit;
+    /// Ask everything to end, SIGKILL what is left after `grace`, then exit;
     /// the kernel kills whatever remains in the PID namespace with us.
     fn stop(&mut self, grace: Duration) -> ! {
-        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+        self.processes.terminate();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             self.reap();
-            if matches!(
-                waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
-                Err(Errno::ECHILD)
-            ) {
+            if self.sessions.is_empty() && self.processes.settled() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -306,7 +357,7 @@ fn reply(conn: &UnixStream, msg: &InitReply, fds: &[RawFd]) {
     let _ = send_frame(conn, msg, fds);
 }
 
-fn door_socket(ipv6: bool) -> Result<OwnedFd, SandboxError> {
+pub(crate) fn door_socket(ipv6: bool) -> Result<OwnedFd, SandboxError> {
     let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain socket(2); we own the returned descriptor.
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -335,7 +386,7 @@ fn set_cloexec(fd: RawFd) -> Result<(), SandboxError> {
         .map_err(|e| SandboxError::sys("fcntl(FD_CLOEXEC) on the control socket", e))
 }
 
-fn loopback_up() -> Result<(), SandboxError> {
+pub(crate) fn loopback_up() -> Result<(), SandboxError> {
     #[repr(C)]
     struct IfReq {
         name: [u8; 16],
@@ -429,131 +480,17 @@ fn set_caps(effective: u64, permitted: u64) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// A user of the sandbox, from its /etc/passwd and /etc/group.
-struct User {
-    uid: u32,
-    gid: u32,
-    name: String,
-    home: String,
-    shell: String,
-    groups: Vec<u32>,
-}
-
-fn resolve_user(spec: Option<&str>) -> Result<User, String> {
-    let wanted = spec.unwrap_or("agent");
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let (who, gid_override) = match wanted.split_once(':') {
-        Some((u, g)) => (
-            u,
-            Some(
-                g.parse::<u32>()
-                    .map_err(|_| format!("bad group id in {wanted:?}"))?,
-            ),
-        ),
-        None => (wanted, None),
-    };
-    let numeric = who.parse::<u32>().ok();
-    let entry = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| {
-            f.len() >= 7 && (f[0] == who || numeric.is_some_and(|n| f[2].parse::<u32>() == Ok(n)))
-        });
-    let mut user = match (entry, numeric) {
-        (Some(f), _) => User {
-            uid: f[2]
-                .parse()
-                .map_err(|_| format!("bad uid for {who} in /etc/passwd"))?,
-            gid: f[3]
-                .parse()
-                .map_err(|_| format!("bad gid for {who} in /etc/passwd"))?,
-            name: f[0].to_string(),
-            home: f[5].to_string(),
-            shell: f[6].to_string(),
-            groups: vec![],
-        },
-        (None, Some(uid)) => User {
-            uid,
-            gid: uid,
-            name: uid.to_string(),
-            home: "/".into(),
-            shell: "/bin/sh".into(),
-            groups: vec![],
-        },
-        (None, None) => return Err(format!("no user {who:?} in the sandbox's /etc/passwd")),
-    };
-    if let Some(g) = gid_override {
-        user.gid = g;
-    }
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    user.groups = group
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == user.name))
-        .filter_map(|f| f[2].parse().ok())
-        .collect();
-    user.groups.push(user.gid);
-    Ok(user)
-}
-
-fn environment(user: &User, exec: &InitExec) -> Vec<String> {
-    let mut env: Vec<(String, String)> = vec![
-        (
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        ),
-        ("HOME".into(), user.home.clone()),
-        ("USER".into(), user.name.clone()),
-        ("LOGNAME".into(), user.name.clone()),
-        ("SHELL".into(), user.shell.clone()),
-        ("LANG".into(), "C.UTF-8".into()),
-        (
-            "HOSTNAME".into(),
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_default(),
-        ),
-    ];
-    if exec.tty() {
-        env.push(("TERM".into(), "xterm-256color".into()));
-    }
-    for kv in &exec.env {
-        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
-}
-
-fn find_program(argv0: &str, env: &[String]) -> Option<String> {
-    if argv0.contains('/') {
-        return Some(argv0.to_string());
-    }
-    let path = env
-        .iter()
-        .find_map(|kv| kv.strip_prefix("PATH="))
-        .unwrap_or("/usr/bin:/bin");
-    path.split(':')
-        .map(|dir| format!("{dir}/{argv0}"))
-        .find(|p| {
-            let c = CString::new(p.as_str()).unwrap_or_default();
-            // SAFETY: access(2) on a valid C string.
-            unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
-        })
-}
-
 /// The standard descriptors of a process about to start: the child's
 /// three (`None` is `/dev/null`) and the caller's ends, in the order
 /// [`InitStdio`] gives.
-struct Stdio {
-    child: [Option<OwnedFd>; 3],
+pub(crate) struct Stdio {
+    pub(crate) child: [Option<OwnedFd>; 3],
     /// The terminal's slave path, which the child opens as its controlling terminal.
-    slave: Option<String>,
-    theirs: Vec<OwnedFd>,
+    pub(crate) slave: Option<String>,
+    pub(crate) theirs: Vec<OwnedFd>,
 }
 
-fn make_stdio(exec: &InitExec) -> Result<Stdio, String> {
+pub(crate) fn make_stdio(exec: &InitExec) -> Result<Stdio, String> {
     let pipe =
         || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     Ok(match exec.stdio {
@@ -605,8 +542,14 @@ fn spawn(exec: &InitExec) -> Result<(i32, Vec<OwnedFd>), String> {
     if exec.argv.is_empty() {
         return Err("no command given".into());
     }
-    let user = resolve_user(exec.user.as_deref())?;
-    let env = environment(&user, exec);
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let user = resolve_user(exec.user.as_deref(), &passwd, &group)?;
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let env = environment(&user, &hostname, exec.tty(), &exec.env);
     let program = find_program(&exec.argv[0], &env)
         .ok_or_else(|| format!("{}: executable file not found in $PATH", exec.argv[0]))?;
     let cwd = exec.cwd.clone().unwrap_or_else(|| user.home.clone());

@@ -11,13 +11,16 @@
 pub mod cgroup;
 pub mod control;
 mod detached;
+pub mod gvisor;
 pub mod idmap;
 pub mod init;
+pub mod landlock;
 pub mod launch;
 mod mounts;
 mod pty;
 pub mod seccomp;
 pub mod spec;
+pub mod user;
 pub mod userns;
 
 pub use idmap::IdMap;

@@ -45,7 +45,7 @@ const PROC_READ_ONLY: &[&str] = &[
 ];
 const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-fn m(
+pub(crate) fn m(
     source: Option<&str>,
     target: &Path,
     fstype: Option<&str>,
@@ -71,9 +71,9 @@ fn m(
 /// before. Nothing is attached anywhere until [`build_root`], in the
 /// sandbox's own mount namespace.
 pub struct HostMounts {
-    overlay: OwnedFd,
-    workspaces: Vec<OwnedFd>,
-    files: Vec<OwnedFd>,
+    pub(crate) overlay: OwnedFd,
+    pub(crate) workspaces: Vec<OwnedFd>,
+    pub(crate) files: Vec<OwnedFd>,
 }
 
 /// Make the detached mounts, and move into the directory that holds
@@ -159,7 +159,7 @@ pub fn build_root(spec: &SandboxSpec, host: HostMounts) -> Result<(), SandboxErr
 
     mount_proc(root)?;
     mount_sys(root)?;
-    mount_dev(root)?;
+    mount_dev(root, spec.tmpfs_size)?;
     for (ws, tree) in spec.workspaces.iter().zip(&host.workspaces) {
         bind(root, ws, tree, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     }
@@ -234,7 +234,13 @@ fn mount_sys(root: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-fn mount_dev(root: &Path) -> Result<(), SandboxError> {
+/// `/dev/shm`'s size when the spec names none (Docker's default).
+pub const DEFAULT_SHM_SIZE: u64 = 64 << 20;
+
+/// `/dev`, with `/dev/shm` a tmpfs of `shm_size` bytes (the default when
+/// None). `/dev` itself is a tmpfs of 64 KiB, for the nodes' mount points
+/// and links only; the read-only tmpfs over masked paths hold nothing.
+fn mount_dev(root: &Path, shm_size: Option<u64>) -> Result<(), SandboxError> {
     let dev = prepare(root, "/dev", Kind::Dir)?;
     m(
         Some("tmpfs"),
@@ -267,7 +273,7 @@ fn mount_dev(root: &Path) -> Result<(), SandboxError> {
         &shm,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777,size=64m"),
+        Some(&shm_options(shm_size)),
     )?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),
@@ -280,6 +286,13 @@ fn mount_dev(root: &Path) -> Result<(), SandboxError> {
             .map_err(|e| SandboxError::io(format!("symlink /dev/{link}"), e))?;
     }
     Ok(())
+}
+
+/// The mount options of `/dev/shm`. The size is rounded up to whole KiB,
+/// and is never 0, which would mean no limit at all to tmpfs.
+fn shm_options(size: Option<u64>) -> String {
+    let kib = size.unwrap_or(DEFAULT_SHM_SIZE).div_ceil(1024).max(1);
+    format!("mode=1777,size={kib}k")
 }
 
 /// Attach `tree`, the detached mount of `b`'s host path, at `b`'s target under `root`.
@@ -403,4 +416,18 @@ fn set_attrs(path: &Path, attrs: u64) -> Result<(), SandboxError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shm_gets_the_spec_size_never_an_unlimited_one() {
+        assert_eq!(shm_options(None), "mode=1777,size=65536k");
+        assert_eq!(shm_options(Some(16 << 20)), "mode=1777,size=16384k");
+        assert_eq!(shm_options(Some(1000)), "mode=1777,size=1k");
+        // size=0 is tmpfs's "no limit": a zero is held to one KiB instead.
+        assert_eq!(shm_options(Some(0)), "mode=1777,size=1k");
+    }
 }

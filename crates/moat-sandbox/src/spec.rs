@@ -33,6 +33,31 @@ pub struct SandboxSpec {
     /// mounts) shows as the agent. None rootless.
     #[serde(default)]
     pub workspace_idmap: Option<crate::idmap::IdMap>,
+    #[serde(default)]
+    pub tier: Tier,
+    /// The size in bytes of the sandbox's writable in-memory file system
+    /// (`/dev/shm`), which the daemon derives from the sandbox's disk budget
+    /// and memory limit; None for the default, 64 MiB.
+    #[serde(default)]
+    pub tmpfs_size: Option<u64>,
+}
+
+/// The isolation tier that runs the sandbox, with what it needs. Each tier
+/// is an init behind the same control socket (see `init.rs`): the daemon,
+/// the gateway and the model runner do not know which one they talk to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "tier", rename_all = "snake_case")]
+pub enum Tier {
+    /// Linux namespaces, seccomp and Landlock around the host's kernel.
+    #[default]
+    Namespaces,
+    /// gVisor's user-space kernel, run by `runsc` (see `gvisor/`).
+    Gvisor {
+        /// The runsc binary.
+        runsc: PathBuf,
+        /// Its platform: `systrap`, `ptrace` or `kvm`.
+        platform: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

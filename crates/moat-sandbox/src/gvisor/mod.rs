@@ -1,0 +1,257 @@
+//! The gVisor tier: the same sandbox — image layers, workspaces at their
+//! host paths, the `agent` user, limits, moat's doors on its loopback —
+//! with gVisor's user-space kernel between its processes and the host's.
+//!
+//! Init makes the same namespaces as for the namespace tier (the sandbox's
+//! user namespace, so that the sandbox's ids are the same unprivileged host
+//! ids and idmapped workspaces work unchanged; a network namespace with
+//! only loopback, where the daemon opens the doors) and becomes PID 1 of
+//! its PID namespace. Instead of entering the root file system itself, it
+//! puts it together in a private stage (a tmpfs over `/tmp` in init's own
+//! mount namespace, seen by nothing outside it), starts `runsc` on it, and
+//! serves the control socket as the namespace tier's init does, starting
+//! each process with `runsc exec`. runsc's sandbox runs with
+//! `--network=host`, where "host" is init's network namespace: the doors
+//! moat opens there are the sandbox's 127.0.0.1:3128 and :12434, as in the
+//! namespace tier. Everything runsc starts is in init's PID namespace, so
+//! when init ends, by a stop or a SIGKILL, the kernel ends all of it.
+
+mod guest;
+mod oci;
+pub mod runsc;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use moat_api::init::InitExec;
+use nix::mount::MsFlags;
+
+use crate::init::{loopback_up, make_stdio, serve, Never, Processes};
+use crate::mounts::{m, HostMounts};
+use crate::spec::SandboxSpec;
+use crate::SandboxError;
+
+/// Start runsc on the sandbox's root file system and serve the daemon.
+pub(crate) fn run(
+    spec: &SandboxSpec,
+    runsc: &Path,
+    platform: &str,
+    host: HostMounts,
+    listener: UnixListener,
+) -> Result<Never, SandboxError> {
+    let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+    m(None, Path::new("/"), None, private, None)?;
+    // runsc finds its processes through /proc: ours, of this PID namespace.
+    let quiet = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m(Some("proc"), Path::new("/proc"), Some("proc"), quiet, None)?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
+    loopback_up()?;
+
+    // The stage is a tmpfs over this mount namespace's /tmp, a path that
+    // runsc can reach whatever ids we have: the host's paths to the
+    // sandbox's files (under state roots that the sandbox's ids may not
+    // traverse) are not needed, as they are open already (`host`).
+    let stage = PathBuf::from("/tmp");
+    m(
+        Some("tmpfs"),
+        &stage,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=700,size=32m"),
+    )?;
+    let dir = |name: &str| -> Result<PathBuf, SandboxError> {
+        let p = stage.join(name);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p)
+            .map_err(|e| SandboxError::io(format!("create {}", p.display()), e))?;
+        Ok(p)
+    };
+    crate::detached::attach(&host.overlay, &dir("root")?)?;
+    for (i, tree) in host.workspaces.iter().enumerate() {
+        crate::detached::attach(tree, &dir(&format!("ws{i}"))?)?;
+    }
+    for (i, tree) in host.files.iter().enumerate() {
+        let p = stage.join(format!("file{i}"));
+        fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o444)
+            .open(&p)
+            .map_err(|e| SandboxError::io(format!("create {}", p.display()), e))?;
+        crate::detached::attach(tree, &p)?;
+    }
+    let state = dir("state")?;
+    dir("exec")?;
+    let version = runsc::Runsc::find(Some(runsc)).map_err(SandboxError::Start)?;
+    guest::write(&stage.join("guest"), version.date < runsc::STATX_FIXED_SINCE)?;
+    let bundle = dir("bundle")?;
+    let shm = spec.tmpfs_size.unwrap_or(crate::mounts::DEFAULT_SHM_SIZE);
+    let config = oci::config(spec, &stage, shm);
+    fs::write(bundle.join("config.json"), config.to_string())
+        .map_err(|e| SandboxError::io("write the sandbox's config.json", e))?;
+
+    // runsc's sandbox and gofer keep the descriptors runsc had: a file, not
+    // a pipe that someone waits to see closed.
+    let log_path = stage.join("runsc.log");
+    let log = fs::File::create(&log_path)
+        .map_err(|e| SandboxError::io(format!("create {}", log_path.display()), e))?;
+    let status = runsc::command(runsc, &state, platform)
+        .args(["run", "--detach", "--bundle"])
+        .arg(&bundle)
+        .arg(&spec.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().map_err(|e| SandboxError::io("dup", e))?))
+        .stderr(Stdio::from(log))
+        .status()
+        .map_err(|e| SandboxError::io(format!("start {}", runsc.display()), e))?;
+    if !status.success() {
+        return Err(SandboxError::Start(format!(
+            "runsc could not start the sandbox ({status}): {}",
+            last_lines(&log_path, 3)
+        )));
+    }
+    let sandbox_pid = sandbox_pid(runsc, &state, platform, &spec.id)?;
+    serve(
+        listener,
+        Gvisor {
+            runsc: runsc.to_path_buf(),
+            platform: platform.to_string(),
+            state,
+            stage,
+            id: spec.id.clone(),
+            no_new_privs: spec.no_new_privs,
+            sandbox_pid,
+            pending: HashMap::new(),
+            next: 0,
+        },
+    )
+}
+
+/// The last `n` lines of runsc's log, on one line.
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(n)..].join(" / ");
+    if tail.is_empty() {
+        "it said nothing".into()
+    } else {
+        tail
+    }
+}
+
+/// The host pid of runsc's sandbox process (the user-space kernel).
+fn sandbox_pid(runsc: &Path, state: &Path, platform: &str, id: &str) -> Result<i32, SandboxError> {
+    let out = runsc::command(runsc, state, platform)
+        .args(["state", id])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| SandboxError::io(format!("run {}", runsc.display()), e))?;
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["pid"].as_i64())
+        .map(|p| p as i32)
+        .ok_or_else(|| {
+            SandboxError::Start(format!(
+                "runsc started the sandbox but does not say its pid: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        })
+}
+
+struct Gvisor {
+    runsc: PathBuf,
+    platform: String,
+    state: PathBuf,
+    stage: PathBuf,
+    id: String,
+    no_new_privs: bool,
+    /// runsc's sandbox process: when it ends, so does the sandbox.
+    sandbox_pid: i32,
+    /// The process spec of each `runsc exec` still running, removed when it ends.
+    pending: HashMap<i32, PathBuf>,
+    next: u64,
+}
+
+impl Processes for Gvisor {
+    fn spawn(&mut self, exec: &InitExec) -> Result<(i32, Vec<OwnedFd>), String> {
+        if exec.argv.is_empty() {
+            return Err("no command given".into());
+        }
+        if let Some(bad) = exec.env.iter().find(|kv| !kv.contains('=')) {
+            return Err(format!("an environment setting needs KEY=VALUE, not {bad:?}"));
+        }
+        let stdio = make_stdio(exec)?;
+        let [i, o, e] = match &stdio.slave {
+            // runsc makes the process's terminal of the one it is given.
+            Some(slave) => {
+                let tty = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOCTTY)
+                    .open(slave)
+                    .map_err(|e| format!("open {slave}: {e}"))?;
+                let dup = || tty.try_clone().map(Stdio::from).map_err(|e| e.to_string());
+                [dup()?, dup()?, Stdio::from(tty)]
+            }
+            None => {
+                let [a, b, c] = stdio.child;
+                let or_null = |fd: Option<OwnedFd>| fd.map(Stdio::from).unwrap_or_else(Stdio::null);
+                [or_null(a), or_null(b), or_null(c)]
+            }
+        };
+        let tty = exec.tty();
+        let mut helper_args = vec![
+            guest::FILTERS.to_string(),
+            u8::from(self.no_new_privs).to_string(),
+            exec.user.clone().unwrap_or_default(),
+            exec.cwd.clone().unwrap_or_default(),
+            u8::from(tty).to_string(),
+        ];
+        helper_args.extend(exec.env.iter().cloned());
+        let process = oci::exec_process(&exec.argv, helper_args, tty, exec.rows, exec.cols);
+        self.next += 1;
+        let path = self.stage.join("exec").join(format!("{}.json", self.next));
+        fs::write(&path, process.to_string()).map_err(|e| format!("write {}: {e}", path.display()))?;
+        let child = runsc::command(&self.runsc, &self.state, &self.platform)
+            .arg("exec")
+            .arg("--process")
+            .arg(&path)
+            .arg(&self.id)
+            .stdin(i)
+            .stdout(o)
+            .stderr(e)
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", self.runsc.display()))?;
+        let pid = child.id() as i32;
+        self.pending.insert(pid, path);
+        Ok((pid, stdio.theirs))
+    }
+
+    fn terminate(&mut self) {
+        let _ = runsc::command(&self.runsc, &self.state, &self.platform)
+            .args(["kill", "--all", &self.id, "TERM"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn settled(&mut self) -> bool {
+        // Every process started for the daemon has ended; what is left
+        // (the guest's init, runsc's own processes) ends with us.
+        true
+    }
+
+    fn reaped(&mut self, pid: i32) -> bool {
+        if let Some(path) = self.pending.remove(&pid) {
+            let _ = fs::remove_file(path);
+        }
+        pid == self.sandbox_pid
+    }
+}
