@@ -68,6 +68,11 @@ impl Drop for Daemon {
 
 /// A sandbox of `agent` on a fresh workspace.
 fn agent_sandbox(agent: &str) -> Sandbox {
+    agent_sandbox_in(agent, "namespaces")
+}
+
+/// A sandbox of `agent` on a fresh workspace, in the isolation tier `tier`.
+fn agent_sandbox_in(agent: &str, tier: &str) -> Sandbox {
     let workspace = tempfile::Builder::new()
         .prefix("moat-ws-")
         .tempdir_in("/tmp")
@@ -76,6 +81,8 @@ fn agent_sandbox(agent: &str) -> Sandbox {
     moat_ok(&[
         "sandbox",
         "create",
+        "--isolation",
+        tier,
         "--name",
         &name,
         agent,
@@ -230,6 +237,27 @@ fn openclaw_answers_from_the_local_model_and_nothing_leaves_the_machine() {
         "proxy-managed\n"
     );
     assert_no_key_inside(&sb);
+}
+
+/// The gVisor tier runs the same OpenClaw, with the same doors: its turn
+/// reaches the model runner through the sandbox's 127.0.0.1:12434.
+#[test]
+fn openclaw_answers_from_the_local_model_in_the_gvisor_tier() {
+    let daemon = Daemon::start("agents-openclaw-gvisor", &[]);
+    let sb = agent_sandbox_in("openclaw", "gvisor");
+    let info: serde_json::Value =
+        serde_json::from_str(&moat_ok(&["sandbox", "inspect", &sb.name])).unwrap();
+    assert_eq!(info[0]["isolation"]["tier"], "gvisor", "{info}");
+
+    exec_ok(&sb, &["start-openclaw", SMOLLM2, "--configure-only"]);
+    let before = daemon.prompt_tokens();
+    let answer = openclaw_turn(&sb, "Say hello in one short sentence.");
+    let reply = answer["payloads"][0]["text"].as_str().unwrap_or_default();
+    assert!(!reply.trim().is_empty(), "no reply: {answer}");
+    assert_eq!(answer["meta"]["agentMeta"]["provider"], "moat", "{answer}");
+    assert_eq!(answer["meta"]["agentMeta"]["model"], SMOLLM2, "{answer}");
+    let read = daemon.prompt_tokens() - before;
+    assert!(read > 1000.0, "the model runner read {read} prompt tokens");
 }
 
 #[test]

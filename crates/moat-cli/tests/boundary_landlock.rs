@@ -347,8 +347,7 @@ sudo -n apt-get -qq check && echo apt
     )
 }
 
-const WORK_DONE: &str =
-    "b\nt\nproc\nexec\nfifo\nsocket\nsudo\nroot-rename\napt\n";
+const WORK_DONE: &str = "b\nt\nproc\nexec\nfifo\nsocket\nsudo\nroot-rename\napt\n";
 
 #[test]
 fn a_planted_host_directory_descriptor_opens_nothing_below_it() {

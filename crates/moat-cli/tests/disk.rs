@@ -3,8 +3,11 @@
 //! A sandbox that writes past its budget gets ENOSPC inside and keeps
 //! running, and the host's free space is untouched; the budget survives a
 //! stop, a reboot (its mount undone behind the daemon's back) and a daemon
-//! restart; `rm` leaves no mount, loop device or image behind. Rootless, the
-//! budget cannot be enforced, and `create` and `inspect` say so.
+//! restart; `rm` leaves no mount, loop device or image behind. An image of
+//! the default budget is made ahead: a sandbox given one is held to its
+//! budget all the same, two creates at once get two, and a daemon that is
+//! killed leaves none of them mounted (the next one makes its own). Rootless,
+//! the budget cannot be enforced, and `create` and `inspect` say so.
 //!
 //! The tests here take one lock for their whole run: they measure the
 //! host's free space, which a sibling importing a template would disturb.
@@ -60,10 +63,15 @@ fn mount_of(dir: &Path) -> Option<String> {
 
 /// `losetup -a`'s lines that name `image`.
 fn loop_devices_of(image: &Path) -> Vec<String> {
+    losetup_lines(&image.display().to_string())
+}
+
+/// `losetup -a`'s lines that contain `what`.
+fn losetup_lines(what: &str) -> Vec<String> {
     let out = Command::new("losetup").arg("-a").output().unwrap();
     text(&out.stdout)
         .lines()
-        .filter(|l| l.contains(&image.display().to_string()))
+        .filter(|l| l.contains(what))
         .map(String::from)
         .collect()
 }
@@ -295,11 +303,19 @@ impl Drop for CleanRoots {
         let _ = moat(&["sandbox", "reset", "-f"]);
         stop_daemon();
         let (state, runtime) = roots();
+        // An image the pool was making as the daemon died is still mounted
+        // beside it (the next daemon would undo that).
+        if let Ok(d) = std::fs::read_dir(state.join("disk-pool")) {
+            for e in d.flatten().filter(|e| mount_of(&e.path()).is_some()) {
+                let _ = Command::new("umount").arg("-l").arg(e.path()).status();
+            }
+        }
         // Never into a mount that is still there.
-        let sandboxes = state.join("sandboxes");
-        let mounted = std::fs::read_dir(&sandboxes)
-            .map(|d| d.flatten().any(|e| mount_of(&e.path()).is_some()))
-            .unwrap_or(false);
+        let mounted = ["sandboxes", "disk-pool"].iter().any(|sub| {
+            std::fs::read_dir(state.join(sub))
+                .map(|d| d.flatten().any(|e| mount_of(&e.path()).is_some()))
+                .unwrap_or(false)
+        });
         if !mounted {
             let _ = std::fs::remove_dir_all(state);
             let _ = std::fs::remove_dir_all(runtime);
@@ -410,6 +426,262 @@ print("ALLOCATED")
     assert!(mount_of(&dir).is_some(), "the new daemon mounted the image");
     let out = moat(&["sandbox", "run", &sb.name, "--", "-c", "cat /etc/marker"]);
     assert_eq!(text(&out.stdout), "kept\n", "{}", text(&out.stderr));
+}
+
+// ---- images made ahead ----
+
+/// What the pool keeps ready.
+const POOL_SIZE: usize = 2;
+
+fn pool_env() -> Vec<(&'static str, &'static std::ffi::OsStr)> {
+    vec![("MOAT_SANDBOX_DISK", "64m".as_ref())]
+}
+
+/// The pool's directory in this test's state root.
+fn pool_dir() -> PathBuf {
+    std::fs::canonicalize(&roots().0).unwrap().join("disk-pool")
+}
+
+/// The pool's image files, with their inode numbers.
+fn pool_images() -> Vec<(PathBuf, u64)> {
+    let Ok(dir) = std::fs::read_dir(pool_dir()) else {
+        return vec![];
+    };
+    let mut images: Vec<(PathBuf, u64)> = dir
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "img"))
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.ino())))
+        .collect();
+    images.sort();
+    images
+}
+
+/// `losetup -a`'s lines of images in the pool's directory (gone ones too).
+fn pool_loops() -> Vec<String> {
+    losetup_lines(&format!("{}/", pool_dir().display()))
+}
+
+/// The pool, once it is full: its images, each on a loop device of its
+/// own, and nothing being made (no mount point beside them).
+fn pool_full() -> Vec<(PathBuf, u64)> {
+    let full = || {
+        let entries = std::fs::read_dir(pool_dir()).map_or(0, |d| d.count());
+        let loops = pool_loops();
+        pool_images().len() == POOL_SIZE
+            && entries == POOL_SIZE
+            && loops.len() == POOL_SIZE
+            && !loops.iter().any(|l| l.contains("(deleted)"))
+    };
+    assert!(
+        eventually(full),
+        "the pool is not full: {:?}, {:?}",
+        std::fs::read_dir(pool_dir()).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()),
+        pool_loops()
+    );
+    // Between taking its mount point away and being handed out.
+    std::thread::sleep(Duration::from_millis(100));
+    pool_images()
+}
+
+/// The inode number of the file behind the one loop device of `image`.
+fn loop_inode(image: &Path) -> u64 {
+    let lines = loop_devices_of(image);
+    assert_eq!(lines.len(), 1, "{} is on {lines:?}", image.display());
+    // /dev/loop6: [65024]:10674180 (/path/disk.img)
+    lines[0]
+        .split("]:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no inode in {}", lines[0]))
+}
+
+/// A sandbox whose image came from the pool: held to its budget, with the
+/// mount, owner and mode of one made at create.
+fn check_pooled(sb: &Sandbox, pool: &[(PathBuf, u64)]) -> (PathBuf, u64, String) {
+    let info = sb.inspect();
+    assert_eq!(
+        info["limits"]["disk"],
+        json!({"bytes": 64 * MIB, "enforced": true, "by": "ext4 image on a loop device"})
+    );
+    let dir = state_dir(info["id"].as_str().unwrap());
+    let mount = mount_of(&dir).expect("the state directory is a mount");
+    assert!(
+        mount.contains(" - ext4 /dev/loop") && mount.contains("nosuid") && mount.contains("nodev"),
+        "{mount}"
+    );
+    let device = mount.split(" - ext4 ").nth(1).unwrap();
+    let device = device.split(' ').next().unwrap().to_string();
+    let meta = std::fs::metadata(&dir).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o700, "{}", dir.display());
+    assert_ne!(meta.uid(), 0, "the sandbox's root owns its layer");
+    let image = dir.join("disk.img");
+    let ino = loop_inode(&image);
+    assert!(
+        pool.iter().any(|(_, i)| *i == ino),
+        "the image of {} ({ino}) is not one of the pool's: {pool:?}",
+        sb.name
+    );
+    (image, ino, device)
+}
+
+#[test]
+fn a_sandbox_given_an_image_made_ahead_is_held_to_its_budget_and_two_at_once_get_two() {
+    let _serial = serial();
+    fresh_isolated_roots("disk-pool");
+    let _clean = CleanRoots;
+    start_daemon_with(&pool_env());
+    ensure_template();
+
+    let pool = pool_full();
+    let sb = Sandbox::new("pooled");
+    let (image, ino, _) = check_pooled(&sb, &pool);
+    assert_enospc(&fill(&sb, "/tmp/x", 200), "200 MiB into /tmp");
+    let out =
+        sb.sh("rm /tmp/x && dd if=/dev/zero of=/tmp/y bs=1M count=8 2>/dev/null && echo wrote");
+    assert_eq!(text(&out.stdout), "wrote\n", "{}", text(&out.stderr));
+    // The pool is full again, with new images.
+    let pool = pool_full();
+    assert!(!pool.iter().any(|(_, i)| *i == ino), "{pool:?}");
+    // rm: nothing of it is left, under its own name or the pool's.
+    moat_ok(&["sandbox", "rm", &sb.name]);
+    let dir = image.parent().unwrap();
+    assert_eq!(mount_of(dir), None);
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert!(
+        eventually(|| losetup_lines(&format!("]:{ino} ")).is_empty()),
+        "loop devices left: {:?}",
+        losetup_lines(&format!("]:{ino} "))
+    );
+
+    // Two creates at once: each gets an image of its own, both from the pool.
+    let pool = pool_full();
+    let ws: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| tempfile::tempdir_in("/tmp").unwrap())
+        .collect();
+    let names: Vec<String> = (0..2).map(|_| unique("pooled-at-once")).collect();
+    let children: Vec<std::process::Child> = names
+        .iter()
+        .zip(&ws)
+        .map(|(name, w)| {
+            moat_cmd()
+                .args(["sandbox", "create", "--name", name, "shell"])
+                .arg(w.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let sandboxes: Vec<Sandbox> = children
+        .into_iter()
+        .zip(names)
+        .zip(ws)
+        .map(|((child, name), workspace)| {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+            Sandbox { name, workspace }
+        })
+        .collect();
+    let made: Vec<(PathBuf, u64, String)> =
+        sandboxes.iter().map(|sb| check_pooled(sb, &pool)).collect();
+    assert_ne!(made[0].1, made[1].1, "one image for two sandboxes");
+    assert_ne!(made[0].2, made[1].2, "one loop device for two sandboxes");
+    // Each is its own budget: one full, the other still writes.
+    assert_enospc(
+        &fill(&sandboxes[0], "/tmp/x", 200),
+        "200 MiB into the first",
+    );
+    let out = sandboxes[1].sh("dd if=/dev/zero of=/tmp/y bs=1M count=32 2>/dev/null && echo wrote");
+    assert_eq!(text(&out.stdout), "wrote\n", "{}", text(&out.stderr));
+    for sb in &sandboxes {
+        moat_ok(&["sandbox", "rm", &sb.name]);
+    }
+    for (image, ino, _) in &made {
+        assert!(!image.exists());
+        assert!(
+            eventually(|| losetup_lines(&format!("]:{ino} ")).is_empty()),
+            "loop devices left: {:?}",
+            losetup_lines(&format!("]:{ino} "))
+        );
+    }
+}
+
+#[test]
+fn a_killed_daemon_leaves_no_image_made_ahead_mounted_and_the_next_fills_its_own() {
+    let _serial = serial();
+    fresh_isolated_roots("disk-pool-restart");
+    let _clean = CleanRoots;
+    start_daemon_with(&pool_env());
+    let old = pool_full();
+
+    // The pool's mounts go with the daemon that held them.
+    stop_daemon();
+    assert!(
+        eventually(|| pool_loops().is_empty()),
+        "loop devices of a dead daemon's pool: {:?}",
+        pool_loops()
+    );
+    // As a daemon killed while it made an image leaves it: mounted beside it.
+    let half = pool_dir().join("1-9.img");
+    let at = pool_dir().join("1-9");
+    let f = std::fs::File::create(&half).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    drop(f);
+    let mkfs = Command::new("mkfs.ext4")
+        .arg("-qF")
+        .arg(&half)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs.stderr));
+    std::fs::create_dir(&at).unwrap();
+    let ok = Command::new("mount")
+        .arg("-oloop")
+        .arg(&half)
+        .arg(&at)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert_eq!(loop_devices_of(&half).len(), 1);
+
+    start_daemon_with(&pool_env());
+    let new = pool_full();
+    assert_eq!(mount_of(&at), None, "the half-made image is unmounted");
+    assert!(
+        !at.exists() && !half.exists(),
+        "the half-made image is removed"
+    );
+    assert!(
+        eventually(|| loop_devices_of(&half).is_empty()),
+        "{:?}",
+        loop_devices_of(&half)
+    );
+    assert!(
+        !new.iter().any(|n| old.iter().any(|o| o.0 == n.0)),
+        "{old:?} {new:?}"
+    );
+    // Each image on one loop device, and nothing of the pool in the mount table.
+    let loops = pool_loops();
+    assert_eq!(loops.len(), POOL_SIZE, "{loops:?}");
+    for (image, _) in &new {
+        assert_eq!(loop_devices_of(image).len(), 1, "{loops:?}");
+    }
+    let pool = pool_dir().display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&pool), "{mountinfo}");
+
+    // The new pool's images serve.
+    let sb = Sandbox::new("after-restart");
+    check_pooled(&sb, &new);
+    assert_eq!(text(&sb.sh("echo ok").stdout), "ok\n");
+    drop(sb);
+    stop_daemon();
+    assert!(
+        eventually(|| pool_loops().is_empty()),
+        "loop devices of a dead daemon's pool: {:?}",
+        pool_loops()
+    );
 }
 
 // ---- rootless ----

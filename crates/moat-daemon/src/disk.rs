@@ -18,6 +18,11 @@
 //! from the budget too (see [`tmpfs_size`]), rootless as well. Rootless, no
 //! file system can be mounted for the layer: the budget is recorded as not
 //! enforced, with the reason, and `create` says so.
+//!
+//! The image of a budget of the default size is made ahead (see [`pool`]):
+//! `create` then only renames a file and attaches a mount.
+
+pub mod pool;
 
 use std::fs;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -122,35 +127,43 @@ pub fn image_path(state_dir: &Path) -> PathBuf {
 /// 0700, as the directory did. Nothing is left behind on failure.
 pub fn create(state_dir: &Path, bytes: u64, owner: (u32, u32)) -> Result<(), DiskError> {
     let image = image_path(state_dir);
-    let io = |what, err| DiskError::Io {
-        what,
-        path: image.clone(),
-        err,
-    };
-    let made = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&image)
-        .map_err(|e| io("create", e))
-        // Sparse: the host gives it blocks only as the sandbox writes.
-        .and_then(|f| f.set_len(bytes).map_err(|e| io("size", e)))
-        .and_then(|()| mkfs(&image, owner))
-        .and_then(|()| mount(&image, state_dir))
-        .and_then(|()| {
-            fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(|e| {
-                DiskError::Io {
-                    what: "chmod",
-                    path: state_dir.to_path_buf(),
-                    err: e,
-                }
-            })
-        });
+    let made = format(&image, bytes, owner).and_then(|()| mount_private(&image, state_dir));
     if made.is_err() {
         let _ = unmount(state_dir);
         let _ = fs::remove_file(&image);
     }
     made
+}
+
+/// A sparse file of `bytes` at `image` (which must not exist), with an
+/// empty ext4 file system whose root belongs to `owner`. On failure the
+/// caller removes what is left.
+fn format(image: &Path, bytes: u64, owner: (u32, u32)) -> Result<(), DiskError> {
+    let io = |what, err| DiskError::Io {
+        what,
+        path: image.to_path_buf(),
+        err,
+    };
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(image)
+        .map_err(|e| io("create", e))
+        // Sparse: the host gives it blocks only as the sandbox writes.
+        .and_then(|f| f.set_len(bytes).map_err(|e| io("size", e)))
+        .and_then(|()| mkfs(image, owner))
+}
+
+/// `image` mounted on `dir`, its root (which `dir` now shows) mode 0700.
+/// On failure the caller unmounts what is left.
+fn mount_private(image: &Path, dir: &Path) -> Result<(), DiskError> {
+    mount(image, dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| DiskError::Io {
+        what: "chmod",
+        path: dir.to_path_buf(),
+        err: e,
+    })
 }
 
 /// Mount the image of `state_dir` there unless it is mounted already.
@@ -372,7 +385,11 @@ impl Daemon {
                 self.idmap.host_uid(0).unwrap_or(0),
                 self.idmap.host_gid(0).unwrap_or(0),
             );
-            create(&dir, bytes, owner).map_err(|e| e.to_string())
+            if self.disk_pool.take(&dir, bytes, owner) {
+                Ok(())
+            } else {
+                create(&dir, bytes, owner).map_err(|e| e.to_string())
+            }
         };
         match made {
             Ok(()) => {

@@ -22,6 +22,7 @@ use moat_sandbox::{control, launch, IdMap};
 
 use crate::helpers::{remove_mapped, MappedUnpacker};
 use crate::ports::Forwarder;
+use crate::isolation;
 use crate::server::Replies;
 use crate::state::{SandboxRow, State};
 use crate::{Config, DaemonError, Paths};
@@ -64,6 +65,8 @@ pub struct Daemon {
     pub(crate) secrets: crate::secrets::Secrets,
     /// The key variables that hold the placeholder inside sandboxes.
     pub(crate) key_vars: Mutex<Vec<String>>,
+    /// Disk images of the default budget, made ahead (see `disk::pool`).
+    pub(crate) disk_pool: Arc<crate::disk::pool::DiskPool>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,6 +144,7 @@ impl Daemon {
         gateway.set_static_names(config.gateway.static_names()?);
         gateway.set_limits(config.gateway.limits()?);
         let secrets = crate::secrets::Secrets::new(paths.state.join("secrets.json"));
+        let disk_pool = crate::disk::pool::DiskPool::start(&paths, &config, &idmap);
         Ok(Daemon {
             hierarchy: moat_sandbox::cgroup::detect(rootless),
             paths,
@@ -159,6 +163,7 @@ impl Daemon {
             gateway,
             secrets,
             key_vars: Mutex::new(Vec::new()),
+            disk_pool,
         })
     }
 
@@ -385,6 +390,7 @@ impl Daemon {
             s.agent == req.agent
                 && s.workspaces == workspaces
                 && req.name.as_ref().is_none_or(|n| n == &s.name)
+                && req.isolation.is_none_or(|i| i == s.isolation.tier)
         });
         match existing {
             Some(s) if s.status == SandboxStatus::Running => Ok(s),
@@ -410,7 +416,9 @@ impl Daemon {
         self.mount_disk(&row.info)?;
         let id = row.info.id.clone();
         let lower_dirs = self.lower_dirs(&row)?;
-        let (cgroup, limits) = self.hierarchy.create(&id, &row.info.limits);
+        let host_limits = isolation::host_limits(row.info.isolation.tier, &row.info.limits);
+        let (cgroup, mut limits) = self.hierarchy.create(&id, &host_limits);
+        limits.pids = row.info.limits.pids;
         if !limits.enforced
             && (limits.memory.is_some() || limits.pids.is_some() || limits.cpus.is_some())
         {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub mod rootless;
 pub mod tmux;
 pub mod upstream;
 
@@ -126,6 +127,33 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// An isolation tier, as `moat sandbox create --isolation` names it. The
+/// attack batteries (`tests/battery/`) run once per tier, each test binary
+/// naming its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Linux namespaces, seccomp and Landlock around the host's kernel.
+    Namespaces,
+    /// gVisor's `runsc`: a user-space kernel between the sandbox and the host's.
+    Gvisor,
+}
+
+impl Tier {
+    /// The tier's name in `--isolation` and in `inspect`'s `isolation.tier`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Namespaces => "namespaces",
+            Tier::Gvisor => "gvisor",
+        }
+    }
+
+    /// The `create` flags that choose it (the default tier is the
+    /// configuration's, so it is always named).
+    pub fn flags(self) -> [&'static str; 2] {
+        ["--isolation", self.name()]
+    }
+}
+
 /// A running sandbox, removed when dropped.
 pub struct Sandbox {
     pub name: String,
@@ -157,6 +185,24 @@ impl Sandbox {
         args.extend_from_slice(extra);
         moat_ok(&args);
         Sandbox { name, workspace }
+    }
+
+    /// Create on `tier` with `flags`, a fresh workspace, then `extra`
+    /// workspaces; insists that the sandbox runs on that tier.
+    pub fn on(tier: Tier, prefix: &str, flags: &[&str], extra: &[&str]) -> Sandbox {
+        let mut all: Vec<&str> = tier.flags().to_vec();
+        all.extend_from_slice(flags);
+        let sb = Sandbox::create(prefix, &all, extra);
+        let info = sb.inspect();
+        assert_eq!(
+            info["isolation"]["tier"].as_str(),
+            Some(tier.name()),
+            "sandbox {} is not on the {} tier: {}",
+            sb.name,
+            tier.name(),
+            info["isolation"]
+        );
+        sb
     }
 
     pub fn ws(&self) -> &Path {
@@ -223,6 +269,45 @@ pub fn pids_in_sandbox(init_pid: i32) -> Vec<i32> {
             out.push(pid);
         }
     }
+    out
+}
+
+/// Every host process of a sandbox: those in the PID namespace of
+/// `init_pid` (see [`pids_in_sandbox`]) and every descendant of init, in
+/// whatever namespace (gVisor's gofer runs in a PID namespace of its own
+/// below init's).
+pub fn sandbox_host_pids(init_pid: i32) -> Vec<i32> {
+    let mut out = pids_in_sandbox(init_pid);
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for &(pid, ppid) in &parents {
+            if !out.contains(&pid) && (ppid == init_pid || out.contains(&ppid)) {
+                out.push(pid);
+                grew = true;
+            }
+        }
+    }
+    if !out.is_empty() && !out.contains(&init_pid) {
+        out.push(init_pid);
+    }
+    out.sort_unstable();
     out
 }
 

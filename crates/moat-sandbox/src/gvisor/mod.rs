@@ -22,9 +22,10 @@ pub mod runsc;
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -51,6 +52,20 @@ pub(crate) fn run(
     m(Some("proc"), Path::new("/proc"), Some("proc"), quiet, None)?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
     loopback_up()?;
+
+    // runsc itself, opened before the stage covers /tmp (where a runsc of
+    // the user's may be) and bound into the stage, where every later call
+    // finds it.
+    let runsc_fd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(runsc)
+        .map_err(|e| {
+            SandboxError::Refused(format!(
+                "cannot reach {} as the sandbox's ids: {e}; install runsc where every user can run it (`sandbox.runsc` in the configuration)",
+                runsc.display()
+            ))
+        })?;
 
     // The stage is a tmpfs over this mount namespace's /tmp, a path that
     // runsc can reach whatever ids we have: the host's paths to the
@@ -86,10 +101,32 @@ pub(crate) fn run(
             .map_err(|e| SandboxError::io(format!("create {}", p.display()), e))?;
         crate::detached::attach(tree, &p)?;
     }
+    let staged = stage.join("runsc");
+    fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o500)
+        .open(&staged)
+        .map_err(|e| SandboxError::io(format!("create {}", staged.display()), e))?;
+    m(
+        Some(&format!("/proc/self/fd/{}", runsc_fd.as_raw_fd())),
+        &staged,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    drop(runsc_fd);
+    let shown = runsc.display().to_string();
+    let runsc = staged.as_path();
     let state = dir("state")?;
     dir("exec")?;
-    let version = runsc::Runsc::find(Some(runsc)).map_err(SandboxError::Start)?;
-    guest::write(&stage.join("guest"), version.date < runsc::STATX_FIXED_SINCE)?;
+    // Errors from here on are whole sentences: `Refused` adds nothing to
+    // the "did not start" that the daemon's side puts before them.
+    let version = runsc::Runsc::find(Some(runsc)).map_err(SandboxError::Refused)?;
+    guest::write(
+        &stage.join("guest"),
+        version.date < runsc::STATX_FIXED_SINCE,
+    )?;
     let bundle = dir("bundle")?;
     let shm = spec.tmpfs_size.unwrap_or(crate::mounts::DEFAULT_SHM_SIZE);
     let config = oci::config(spec, &stage, shm);
@@ -101,28 +138,35 @@ pub(crate) fn run(
     let log_path = stage.join("runsc.log");
     let log = fs::File::create(&log_path)
         .map_err(|e| SandboxError::io(format!("create {}", log_path.display()), e))?;
-    let status = runsc::command(runsc, &state, platform)
+    let globals = runsc::Globals {
+        state,
+        platform: platform.to_string(),
+        date: version.date,
+    };
+    let status = globals
+        .command(runsc)
         .args(["run", "--detach", "--bundle"])
         .arg(&bundle)
         .arg(&spec.id)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().map_err(|e| SandboxError::io("dup", e))?))
+        .stdout(Stdio::from(
+            log.try_clone().map_err(|e| SandboxError::io("dup", e))?,
+        ))
         .stderr(Stdio::from(log))
         .status()
-        .map_err(|e| SandboxError::io(format!("start {}", runsc.display()), e))?;
+        .map_err(|e| SandboxError::io(format!("start {shown}"), e))?;
     if !status.success() {
-        return Err(SandboxError::Start(format!(
+        return Err(SandboxError::Refused(format!(
             "runsc could not start the sandbox ({status}): {}",
             last_lines(&log_path, 3)
         )));
     }
-    let sandbox_pid = sandbox_pid(runsc, &state, platform, &spec.id)?;
+    let sandbox_pid = sandbox_pid(runsc, &globals, &spec.id)?;
     serve(
         listener,
         Gvisor {
             runsc: runsc.to_path_buf(),
-            platform: platform.to_string(),
-            state,
+            globals,
             stage,
             id: spec.id.clone(),
             no_new_privs: spec.no_new_privs,
@@ -146,8 +190,9 @@ fn last_lines(path: &Path, n: usize) -> String {
 }
 
 /// The host pid of runsc's sandbox process (the user-space kernel).
-fn sandbox_pid(runsc: &Path, state: &Path, platform: &str, id: &str) -> Result<i32, SandboxError> {
-    let out = runsc::command(runsc, state, platform)
+fn sandbox_pid(runsc: &Path, globals: &runsc::Globals, id: &str) -> Result<i32, SandboxError> {
+    let out = globals
+        .command(runsc)
         .args(["state", id])
         .stdin(Stdio::null())
         .output()
@@ -157,7 +202,7 @@ fn sandbox_pid(runsc: &Path, state: &Path, platform: &str, id: &str) -> Result<i
         .and_then(|v| v["pid"].as_i64())
         .map(|p| p as i32)
         .ok_or_else(|| {
-            SandboxError::Start(format!(
+            SandboxError::Refused(format!(
                 "runsc started the sandbox but does not say its pid: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
@@ -166,8 +211,7 @@ fn sandbox_pid(runsc: &Path, state: &Path, platform: &str, id: &str) -> Result<i
 
 struct Gvisor {
     runsc: PathBuf,
-    platform: String,
-    state: PathBuf,
+    globals: runsc::Globals,
     stage: PathBuf,
     id: String,
     no_new_privs: bool,
@@ -184,7 +228,9 @@ impl Processes for Gvisor {
             return Err("no command given".into());
         }
         if let Some(bad) = exec.env.iter().find(|kv| !kv.contains('=')) {
-            return Err(format!("an environment setting needs KEY=VALUE, not {bad:?}"));
+            return Err(format!(
+                "an environment setting needs KEY=VALUE, not {bad:?}"
+            ));
         }
         let stdio = make_stdio(exec)?;
         let [i, o, e] = match &stdio.slave {
@@ -217,15 +263,34 @@ impl Processes for Gvisor {
         let process = oci::exec_process(&exec.argv, helper_args, tty, exec.rows, exec.cols);
         self.next += 1;
         let path = self.stage.join("exec").join(format!("{}.json", self.next));
-        fs::write(&path, process.to_string()).map_err(|e| format!("write {}: {e}", path.display()))?;
-        let child = runsc::command(&self.runsc, &self.state, &self.platform)
-            .arg("exec")
+        fs::write(&path, process.to_string())
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        let mut cmd = self.globals.command(&self.runsc);
+        cmd.arg("exec")
             .arg("--process")
             .arg(&path)
             .arg(&self.id)
             .stdin(i)
             .stdout(o)
-            .stderr(e)
+            .stderr(e);
+        if tty {
+            // `runsc exec` forwards the signals it gets to the foreground
+            // process inside; as the terminal's session leader it gets
+            // those the terminal sends: Ctrl-C's SIGINT, Ctrl-\'s SIGQUIT,
+            // the SIGHUP when the caller's end closes. (The host's line
+            // discipline makes them: the terminal inside is the host's.)
+            // SAFETY: setsid and ioctl(TIOCSCTTY) on the child's own stdin,
+            // between fork and exec, in single-threaded init.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| format!("start {}: {e}", self.runsc.display()))?;
         let pid = child.id() as i32;
@@ -234,7 +299,9 @@ impl Processes for Gvisor {
     }
 
     fn terminate(&mut self) {
-        let _ = runsc::command(&self.runsc, &self.state, &self.platform)
+        let _ = self
+            .globals
+            .command(&self.runsc)
             .args(["kill", "--all", &self.id, "TERM"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

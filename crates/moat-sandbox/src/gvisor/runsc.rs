@@ -30,20 +30,13 @@ impl Runsc {
     /// a newer runsc that the user installed in `/usr/local/bin` comes
     /// before Debian's `/usr/bin/runsc`.
     pub fn find(configured: Option<&Path>) -> Result<Runsc, String> {
-        let path = match configured {
-            Some(p) => p.to_path_buf(),
-            None => std::env::var_os("PATH")
-                .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into())
-                .to_string_lossy()
-                .split(':')
-                .map(|d| Path::new(d).join("runsc"))
-                .find(|p| p.is_file())
-                .ok_or("the gvisor tier needs gVisor's runsc, which is not installed: `apt-get install runsc` (Debian, Ubuntu) or see https://gvisor.dev/docs/user_guide/install/")?,
-        };
-        let out = Command::new(&path)
-            .arg("--version")
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}; check the runsc path (`sandbox.runsc` in the configuration)", path.display()))?;
+        let path = Self::locate(configured)?;
+        let out = Command::new(&path).arg("--version").output().map_err(|e| {
+            format!(
+                "cannot run {}: {e}; check the runsc path (`sandbox.runsc` in the configuration)",
+                path.display()
+            )
+        })?;
         let text = String::from_utf8_lossy(&out.stdout);
         let version = text.lines().next().unwrap_or("").trim().to_string();
         if !out.status.success() || !version.starts_with("runsc version") {
@@ -57,6 +50,20 @@ impl Runsc {
             path,
             version,
         })
+    }
+
+    /// The runsc binary [`Runsc::find`] would ask, without asking it.
+    pub fn locate(configured: Option<&Path>) -> Result<PathBuf, String> {
+        match configured {
+            Some(p) => Ok(p.to_path_buf()),
+            None => std::env::var_os("PATH")
+                .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into())
+                .to_string_lossy()
+                .split(':')
+                .map(|d| Path::new(d).join("runsc"))
+                .find(|p| p.is_file())
+                .ok_or_else(|| "the gvisor tier needs gVisor's runsc, which is not installed: `apt-get install runsc` (Debian, Ubuntu) or see https://gvisor.dev/docs/user_guide/install/".into()),
+        }
     }
 
     /// `wanted` (`auto`, `systrap`, `ptrace` or `kvm`) made concrete:
@@ -92,18 +99,54 @@ fn release_date(version: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// A runsc command line with moat's global flags: its own state root, the
-/// sandbox's network namespace as the host network (it holds only loopback
-/// and the doors moat opens in it), no cgroups of its own (the sandbox's
-/// cgroup holds every process runsc starts).
-pub(crate) fn command(runsc: &Path, state: &Path, platform: &str) -> Command {
-    let mut cmd = Command::new(runsc);
-    cmd.arg("--root")
-        .arg(state)
-        .arg("--network=host")
-        .arg("--ignore-cgroups")
-        .arg(format!("--platform={platform}"));
-    cmd
+/// The first release that honours set-id executables (with `--allow-suid`;
+/// before it, gVisor ignored their bits and set no_new_privs on every
+/// process): from it on, `sudo` inside works as in the namespace tier.
+pub const ALLOW_SUID_SINCE: u32 = 20_250_820;
+
+/// moat's global flags for every runsc call of one sandbox.
+#[derive(Debug, Clone)]
+pub(crate) struct Globals {
+    /// runsc's state root, moat's own.
+    pub(crate) state: PathBuf,
+    pub(crate) platform: String,
+    /// The release date of the runsc in use (see [`Runsc::date`]).
+    pub(crate) date: u32,
+}
+
+impl Globals {
+    /// A runsc command line with moat's global flags: its own state root,
+    /// the sandbox's network namespace as the host network (it holds only
+    /// loopback and the doors moat opens in it), no cgroups of its own (the
+    /// sandbox's cgroup holds every process runsc starts), and no overlay
+    /// of runsc's own over the root file system: releases since 2023-03 put
+    /// one there by default (`root:self`), which would keep what the
+    /// sandbox writes in a file of runsc's, lost at stop and missing from
+    /// `moat sandbox save`, instead of in the sandbox's layer. (Every
+    /// release that moat runs knows `--overlay2=none`; the older ones have
+    /// it as their default.) Where runsc can, set-id executables work, as
+    /// in the namespace tier (`sudo`); moat's `no_new_privs` setting still
+    /// turns them off.
+    pub(crate) fn command(&self, runsc: &Path) -> Command {
+        let mut cmd = Command::new(runsc);
+        cmd.args(self.args());
+        cmd
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--root".to_string(),
+            self.state.display().to_string(),
+            "--network=host".into(),
+            "--ignore-cgroups".into(),
+            "--overlay2=none".into(),
+            format!("--platform={}", self.platform),
+        ];
+        if self.date >= ALLOW_SUID_SINCE {
+            args.push("--allow-suid".into());
+        }
+        args
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +158,32 @@ mod tests {
         assert_eq!(release_date("runsc version 0.0~20221219.0"), 20221219);
         assert_eq!(release_date("runsc version release-20240212.0"), 20240212);
         assert_eq!(release_date("runsc version unknown"), 0);
+    }
+
+    #[test]
+    fn set_id_executables_are_allowed_where_runsc_knows_how() {
+        let globals = |date| Globals {
+            state: "/tmp/state".into(),
+            platform: "ptrace".into(),
+            date,
+        };
+        assert_eq!(
+            globals(20221219).args(),
+            [
+                "--root",
+                "/tmp/state",
+                "--network=host",
+                "--ignore-cgroups",
+                "--overlay2=none",
+                "--platform=ptrace"
+            ]
+        );
+        assert!(!globals(20250811)
+            .args()
+            .contains(&"--allow-suid".to_string()));
+        assert!(globals(20250820)
+            .args()
+            .contains(&"--allow-suid".to_string()));
     }
 
     #[test]

@@ -1,0 +1,13 @@
+//! The attacks of "Hold the boundary" (`battery/boundary.rs`) on the gVisor
+//! tier, as root; and, as an unprivileged user, the attacks of `rootless.rs`
+//! on the gVisor tier.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+/// The tier every sandbox of this binary runs on.
+const TIER: common::Tier = common::Tier::Gvisor;
+
+#[path = "battery/boundary.rs"]
+mod boundary;
