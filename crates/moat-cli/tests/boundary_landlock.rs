@@ -8,6 +8,12 @@
 //! so that nothing but Landlock stands between the sandbox and its files.
 //! Where the kernel has no Landlock (or only ABI 1), only the work inside is
 //! checked.
+//!
+//! Landlock checks opening, making, removing, renaming, linking, truncating
+//! and running; not what a descriptor already open allows (this one, opened
+//! for reading on the host, still lists its own entries) nor metadata
+//! (`stat`, and where the host's permissions allow, `utimes` and extended
+//! attributes). Those are not claimed here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -67,6 +67,8 @@ pub enum DiskError {
     Unmount { dir: PathBuf, err: nix::Error },
     #[error("the disk image of this sandbox ({}) is missing, and with it the sandbox's files; remove the sandbox and create it again", path.display())]
     ImageMissing { path: PathBuf },
+    #[error(transparent)]
+    Mount(#[from] moat_sandbox::SandboxError),
 }
 
 impl From<DiskError> for DaemonError {
@@ -127,7 +129,7 @@ pub fn image_path(state_dir: &Path) -> PathBuf {
 /// 0700, as the directory did. Nothing is left behind on failure.
 pub fn create(state_dir: &Path, bytes: u64, owner: (u32, u32)) -> Result<(), DiskError> {
     let image = image_path(state_dir);
-    let made = format(&image, bytes, owner).and_then(|()| mount_private(&image, state_dir));
+    let made = format_image(&image, bytes, owner).and_then(|()| mount_private(&image, state_dir));
     if made.is_err() {
         let _ = unmount(state_dir);
         let _ = fs::remove_file(&image);
@@ -138,7 +140,7 @@ pub fn create(state_dir: &Path, bytes: u64, owner: (u32, u32)) -> Result<(), Dis
 /// A sparse file of `bytes` at `image` (which must not exist), with an
 /// empty ext4 file system whose root belongs to `owner`. On failure the
 /// caller removes what is left.
-fn format(image: &Path, bytes: u64, owner: (u32, u32)) -> Result<(), DiskError> {
+fn format_image(image: &Path, bytes: u64, owner: (u32, u32)) -> Result<(), DiskError> {
     let io = |what, err| DiskError::Io {
         what,
         path: image.to_path_buf(),

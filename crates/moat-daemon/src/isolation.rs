@@ -19,13 +19,13 @@ impl Daemon {
     pub(crate) fn pick_isolation(&self, asked: Option<Isolation>) -> Result<Isolation, DaemonError> {
         let tier = asked.unwrap_or(self.config().sandbox.isolation);
         // Checked now, so that a sandbox that cannot start is never made.
-        self.tier_spec(tier)?;
+        self.tier_spec(tier, &Limits::default())?;
         Ok(tier)
     }
 
     /// What `tier` needs in the sandbox's spec: for gVisor, the runsc found
     /// now and its platform.
-    pub(crate) fn tier_spec(&self, tier: Isolation) -> Result<Tier, DaemonError> {
+    pub(crate) fn tier_spec(&self, tier: Isolation, limits: &Limits) -> Result<Tier, DaemonError> {
         match tier {
             Isolation::Namespaces => Ok(Tier::Namespaces),
             Isolation::Gvisor => {
@@ -36,6 +36,8 @@ impl Daemon {
                 Ok(Tier::Gvisor {
                     runsc: runsc.path,
                     platform,
+                    release: runsc.date,
+                    pids: limits.pids,
                 })
             }
         }
@@ -150,19 +152,25 @@ impl Daemon {
     }
 }
 
-/// Processes and threads that gVisor itself runs on the host for a sandbox
-/// (its kernel's and its gofer's threads, the ptrace platform's stubs):
-/// about 90 at rest, measured with runsc 20221219.
-const GVISOR_HOST_TASKS: u64 = 256;
+/// Host tasks that gVisor runs for a sandbox at rest (its kernel's and its
+/// gofer's threads): about 55, measured with runsc 20221219 on ptrace.
+const GVISOR_HOST_BASE: u64 = 256;
+/// Host tasks per process inside: the ptrace platform gives each its stub
+/// process and a tracing thread in gVisor's kernel, about 6 measured.
+const GVISOR_HOST_PER_TASK: u64 = 8;
 
-/// The limits the host's cgroup holds a sandbox to: in the gVisor tier, the
-/// PID limit counts gVisor's own host threads too, which get headroom on
-/// top of the sandbox's limit (without it, `--pids-limit 64` would stop
-/// gVisor itself at the first `exec`).
+/// The limits the host's cgroup holds a sandbox to. In the gVisor tier the
+/// sandbox's PID limit is held inside gVisor (the guest helper sets it as
+/// RLIMIT_NPROC), and the host's cgroup, which counts gVisor's own tasks,
+/// is sized for that many processes inside: were it reached first, gVisor's
+/// kernel itself would fail, and the whole sandbox with it.
 pub(crate) fn host_limits(tier: Isolation, limits: &Limits) -> Limits {
     let mut host = limits.clone();
     if tier == Isolation::Gvisor {
-        host.pids = limits.pids.map(|p| p.saturating_add(GVISOR_HOST_TASKS));
+        host.pids = limits.pids.map(|p| {
+            p.saturating_mul(GVISOR_HOST_PER_TASK)
+                .saturating_add(GVISOR_HOST_BASE)
+        });
     }
     host
 }

@@ -448,7 +448,7 @@ impl Daemon {
             no_new_privs: self.config.sandbox.no_new_privs,
             userns_owner: self.userns_owner(&id)?,
             workspace_idmap: (!self.idmap.rootless).then(|| self.idmap.clone()),
-            tier: self.tier_spec(row.info.isolation.tier)?,
+            tier: self.tier_spec(row.info.isolation.tier, &row.info.limits)?,
             tmpfs_size: crate::disk::tmpfs_size(&row.info.limits),
         };
         let control = self.control_path(&id);

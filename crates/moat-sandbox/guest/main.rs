@@ -5,7 +5,7 @@
 //!
 //! - `moat-guest init`: the container's first process. It reaps orphans and
 //!   otherwise waits; the sandbox lives as long as it does.
-//! - `moat-guest exec FILTERS NNP USER CWD TTY [KEY=VALUE…] -- ARGV…`: started by
+//! - `moat-guest exec FILTERS NNP NPROC USER CWD TTY [KEY=VALUE…] -- ARGV…`: started by
 //!   `runsc exec` as root with moat's capability set plus CAP_SYS_ADMIN. It
 //!   resolves USER from the guest's own `/etc/passwd`, installs moat's
 //!   seccomp filters (compiled by the host from the same data file as the
@@ -36,6 +36,8 @@ extern "C" {
     fn execve(path: *const i8, argv: *const *const i8, envp: *const *const i8) -> c_int;
     fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
     fn signal(sig: c_int, handler: usize) -> usize;
+    fn dup2(old: c_int, new: c_int) -> c_int;
+    fn setrlimit(resource: c_int, rlim: *const [u64; 2]) -> c_int;
 }
 
 const TIOCSCTTY: c_ulong = 0x540E;
@@ -47,6 +49,7 @@ const SYS_CAPGET: c_long = 125;
 const SECCOMP_SET_MODE_FILTER: c_long = 1;
 const CAP_SYS_ADMIN: c_ulong = 21;
 const SIG_IGN: usize = 1;
+const RLIMIT_NPROC: c_int = 6;
 const STATX_LIBRARY: &str = "/dev/.moat/statx.so";
 
 /// The capabilities root keeps inside (the namespace tier's KEPT_CAPS).
@@ -70,6 +73,14 @@ fn main() {
 
 /// Wait for children forever, reaping what is orphaned to us.
 fn init() -> ! {
+    // runsc gives the first process the descriptors it had itself; nothing
+    // inside may reach them (through /proc/1/fd), so they go.
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto our own standard descriptors.
+            unsafe { dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+        }
+    }
     for sig in [1, 2, 15] {
         // SAFETY: setting a signal to be ignored.
         unsafe { signal(sig, SIG_IGN) };
@@ -89,11 +100,11 @@ fn last_errno(what: &str) -> String {
 
 fn exec(args: &[String]) -> String {
     let Some(split) = args.iter().position(|a| a == "--") else {
-        return "usage: moat-guest exec FILTERS NNP USER CWD TTY [KEY=VALUE…] -- ARGV…".into();
+        return "usage: moat-guest exec FILTERS NNP NPROC USER CWD TTY [KEY=VALUE…] -- ARGV…".into();
     };
     let (head, argv) = (&args[..split], &args[split + 1..]);
-    let [filters, nnp, wanted, cwd, tty, extra @ ..] = head else {
-        return "usage: moat-guest exec FILTERS NNP USER CWD TTY [KEY=VALUE…] -- ARGV…".into();
+    let [filters, nnp, nproc, wanted, cwd, tty, extra @ ..] = head else {
+        return "usage: moat-guest exec FILTERS NNP NPROC USER CWD TTY [KEY=VALUE…] -- ARGV…".into();
     };
     if argv.is_empty() {
         return "no command given".into();
@@ -134,6 +145,17 @@ fn exec(args: &[String]) -> String {
         // SAFETY: plain prctl with integer arguments.
         if unsafe { prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
             return last_errno("prctl(PR_SET_NO_NEW_PRIVS)");
+        }
+    }
+    // The sandbox's PID limit, held inside gVisor: the host's cgroup counts
+    // gVisor's own threads, and a fork bomb that reached it would take
+    // gVisor's kernel down with it. gVisor counts RLIMIT_NPROC per user.
+    if let Ok(n) = nproc.parse::<u64>() {
+        if n > 0 {
+            // SAFETY: setrlimit reads the two limits we pass.
+            if unsafe { setrlimit(RLIMIT_NPROC, &[n, n]) } != 0 {
+                return last_errno("setrlimit(RLIMIT_NPROC)");
+            }
         }
     }
     if let Err(e) = install_filters(filters) {

@@ -144,8 +144,8 @@ fn run_init(spec: &SandboxSpec, host: mounts::HostMounts) -> Result<Never, Sandb
     // SAFETY: the daemon passed the listener as descriptor 3 and nothing else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(CONTROL_FD) };
     set_cloexec(listener.as_raw_fd())?;
-    if let Tier::Gvisor { runsc, platform } = &spec.tier {
-        return crate::gvisor::run(spec, runsc, platform, host, listener);
+    if let Tier::Gvisor { .. } = &spec.tier {
+        return crate::gvisor::run(spec, host, listener);
     }
     mounts::build_root(spec, host)?;
     // The second wall, now that `/` is the sandbox's and the last mount is

@@ -10,7 +10,7 @@
 
 pub mod cgroup;
 pub mod control;
-mod detached;
+pub mod detached;
 pub mod gvisor;
 pub mod idmap;
 pub mod init;

@@ -57,6 +57,12 @@ pub enum Tier {
         runsc: PathBuf,
         /// Its platform: `systrap`, `ptrace` or `kvm`.
         platform: String,
+        /// Its release date (`20221219`), which says what it can do; 0 unknown.
+        #[serde(default)]
+        release: u32,
+        /// The sandbox's PID limit, held inside gVisor too (RLIMIT_NPROC).
+        #[serde(default)]
+        pids: Option<u64>,
     },
 }
 

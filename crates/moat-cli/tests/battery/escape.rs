@@ -868,10 +868,10 @@ for n in ("sda", "vda", "mem", "kmem", "port", "kmsg", "console", "tty0", "loop0
 "#,
         );
         // On gVisor, /dev is gVisor's own tmpfs: it also holds `.moat`,
-        // moat's guest helper and seccomp filters (read-only, tried in
-        // `denied_syscalls_fail_with_eperm_and_no_setuid_file_reaches_the_host`), and `fuse`, gVisor's
-        // own FUSE device, which runsc always makes: a FUSE file system
-        // needs mount(2), which seccomp refuses (and CAP_SYS_ADMIN is gone).
+        // moat's guest helper and seccomp filters (read-only, tried with the
+        // denied syscalls), and `fuse`, gVisor's own FUSE device, which
+        // runsc always makes: a FUSE file system needs mount(2), which
+        // seccomp refuses (and CAP_SYS_ADMIN is gone).
         let dev = if gvisor() {
             ".moat fd full fuse null ptmx pts random shm stderr stdin stdout tty urandom zero"
         } else {
@@ -1043,22 +1043,24 @@ for d in ("acpi", "scsi", "asound", "driver"):
         // gVisor's /proc has none of these files and folders (ENOENT):
         // nothing of the host's kernel to mask.
         for n in masked {
-            let want = if Path::new(&format!("/proc/{n}")).exists() {
+            let want = if gvisor() {
+                "ENOENT"
+            } else if Path::new(&format!("/proc/{n}")).exists() {
                 "OK 0"
             } else {
                 "ENOENT"
             };
-            let want: &[&str] = if gvisor() { &[want, "ENOENT"] } else { &[want] };
-            v.expect(&p, &format!("read-{n}"), want);
+            v.expect(&p, &format!("read-{n}"), &[want]);
         }
         for d in ["acpi", "scsi", "asound", "driver"] {
-            let want = if Path::new(&format!("/proc/{d}")).exists() {
+            let want = if gvisor() {
+                "ENOENT"
+            } else if Path::new(&format!("/proc/{d}")).exists() {
                 "OK []"
             } else {
                 "ENOENT"
             };
-            let want: &[&str] = if gvisor() { &[want, "ENOENT"] } else { &[want] };
-            v.expect(&p, &format!("list-{d}"), want);
+            v.expect(&p, &format!("list-{d}"), &[want]);
         }
     }
     let (_, err, code) = shell(
@@ -1294,9 +1296,27 @@ t("moat-dir-mkdir", lambda: os.mkdir(G + "/x"))
             // moved (EBUSY), its files cannot change (EROFS); the agent is
             // refused /dev itself first (EACCES).
             let agent = who == Who::Agent;
-            v.expect(&p, "moat-dir-rename", if agent { &["EACCES"] } else { &["EBUSY"] });
-            for label in ["moat-filters-write", "moat-guest-unlink", "moat-guest-chmod", "moat-dir-mkdir"] {
-                v.expect(&p, label, if agent { &["EACCES", "EPERM", "EROFS"] } else { &["EROFS"] });
+            v.expect(
+                &p,
+                "moat-dir-rename",
+                if agent { &["EACCES"] } else { &["EBUSY"] },
+            );
+            for label in [
+                "moat-filters-write",
+                "moat-guest-unlink",
+                "moat-guest-chmod",
+                "moat-dir-mkdir",
+            ] {
+                // The agent: refused for permission first where gVisor
+                // checks it first (not its file, not its folder; chmod of
+                // another's file is EPERM), the read-only mount otherwise.
+                let want = match label {
+                    _ if !agent => "EROFS",
+                    "moat-guest-chmod" => "EPERM",
+                    "moat-dir-mkdir" => "EROFS",
+                    _ => "EACCES",
+                };
+                v.expect(&p, label, &[want]);
             }
         } else {
             for label in [
@@ -1410,10 +1430,18 @@ t("setgroups-write", lambda: set_map("/proc/self/setgroups", b"allow\n"))
         // control to write, and gVisor makes no user namespace anyway
         // (unshare and clone are refused above).
         let missing: &[&str] = if gvisor() { &["ENOENT"] } else { &[] };
-        v.expect(&p, "max_user_namespaces", &[&["EROFS", "EACCES"], missing].concat());
+        v.expect(
+            &p,
+            "max_user_namespaces",
+            &[&["EROFS", "EACCES"], missing].concat(),
+        );
         // The sandbox's own map is written once, by the daemon.
         v.expect(&p, "uid_map-rewrite", &["EPERM"]);
-        v.expect(&p, "setgroups-write", &[&["EPERM", "EACCES"], missing].concat());
+        v.expect(
+            &p,
+            "setgroups-write",
+            &[&["EPERM", "EACCES"], missing].concat(),
+        );
     }
     v.finish();
 }
@@ -1772,7 +1800,10 @@ fn host_process_count() -> usize {
         .count()
 }
 
-// 12. A fork bomb against --pids-limit.
+// 12. A fork bomb against --pids-limit. The same on every tier: the bomb
+// gets EAGAIN, the host is held, and the sandbox still answers. (On gVisor,
+// gVisor's own threads are in the sandbox's cgroup too, so what the limit
+// counts there is not only the bomb's processes.)
 #[test]
 fn a_fork_bomb_is_held_by_the_pids_limit() {
     let sb = Sandbox::on(TIER, "esc-forkbomb", &["--pids-limit", "64"], &[]);
@@ -1859,17 +1890,22 @@ print("DONE", flush=True)
         words.first() == Some(&"FULL") && words.get(2) == Some(&"EAGAIN"),
         format!("the bomb (the cgroup held {tasks_before} tasks before it): `{full}` {err}"),
     );
-    let forked: usize = words
-        .get(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX);
+    let forked: Option<usize> = words.get(1).and_then(|n| n.parse().ok());
     v.check(
-        forked < 64,
-        format!("{forked} forks succeeded under a limit of 64"),
+        forked.is_some_and(|n| n < 64),
+        match forked {
+            Some(n) => format!("{n} forks succeeded under a limit of 64"),
+            None => "the bomb never said how many forks succeeded".into(),
+        },
     );
+    // The host processes of the sandbox: on gVisor these are gVisor's (a
+    // stub process per process inside, on ptrace), and the host's cgroup
+    // allows it 8 tasks per process inside plus 256 (isolation.rs), while
+    // the limit of 64 is held inside (the bomb's EAGAIN above).
+    let host_limit = if gvisor() { 64 * 8 + 256 } else { 64 };
     v.check(
-        in_sandbox <= 64,
-        format!("{in_sandbox} processes in the sandbox under a limit of 64"),
+        in_sandbox <= host_limit,
+        format!("{in_sandbox} host processes in the sandbox under a limit of {host_limit}"),
     );
     v.check(
         host_during <= host_before + 300, // other tests run meanwhile
@@ -1887,7 +1923,9 @@ print("DONE", flush=True)
     v.finish();
 }
 
-// 13. A memory hog against --memory.
+// 13. A memory hog against --memory. The same on every tier: the hog fails
+// or is killed, and the sandbox still answers. (On gVisor, the memory of
+// gVisor itself, which holds every process inside, is in the cgroup too.)
 #[test]
 fn a_memory_hog_is_held_by_the_memory_limit() {
     let sb = Sandbox::on(TIER, "esc-memhog", &["--memory", "64m"], &[]);
@@ -1926,9 +1964,16 @@ print("ALLOCATED", len(chunks), "MiB", flush=True)
     ]);
     let stdout = text(&out.stdout);
     let mut v = Verdict::default();
+    // gVisor: the memory is gVisor's kernel's on the host, so the cgroup
+    // that holds the hog holds gVisor itself, and the host's OOM killer
+    // ends the whole sandbox (README, isolation tiers); the host is held all
+    // the same, which the cgroup's figures below show.
+    let whole_sandbox_ended = gvisor() && out.status.code() == Some(128);
     v.check(
         !stdout.contains("ALLOCATED")
-            && (out.status.code() == Some(137) || stdout.contains("MemoryError")),
+            && (out.status.code() == Some(137)
+                || stdout.contains("MemoryError")
+                || whole_sandbox_ended),
         format!(
             "the hog: exit {:?}, stdout {stdout}, stderr {}",
             out.status.code(),
@@ -1954,11 +1999,22 @@ print("ALLOCATED", len(chunks), "MiB", flush=True)
             "the cgroup went over 64 MiB",
         );
     }
-    let out = sb.sh("echo alive");
-    v.check(
-        text(&out.stdout) == "alive\n",
-        format!("the sandbox no longer answers: {}", text(&out.stderr)),
-    );
+    if whole_sandbox_ended {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while sb.inspect()["status"] != "stopped" && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        v.check(
+            sb.inspect()["status"] == "stopped",
+            "gVisor's kernel was killed but the sandbox is not marked stopped",
+        );
+    } else {
+        let out = sb.sh("echo alive");
+        v.check(
+            text(&out.stdout) == "alive\n",
+            format!("the sandbox no longer answers: {}", text(&out.stderr)),
+        );
+    }
     v.finish();
 }
 

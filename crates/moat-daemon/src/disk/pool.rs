@@ -31,18 +31,18 @@
 //! pool alone; it holds no sandbox's files, and [`SIZE`] sparse images take
 //! a few MiB of the host each.
 
-use std::ffi::CString;
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use moat_sandbox::detached::{self, Lookup};
 use moat_sandbox::IdMap;
 
-use super::{format, image_path, mount_private, unmount, DiskError};
+use super::{format_image, image_path, mount_private, unmount, DiskError};
 use crate::sandboxes::lock;
 use crate::{Config, Paths};
 
@@ -57,9 +57,6 @@ pub const SIZE: usize = 2;
 /// the pool rests this long before trying again; creates make their own.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
-const OPEN_TREE_CLONE: libc::c_uint = 1;
-const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// The pool's directory under the state root.
 pub fn dir(paths: &Paths) -> PathBuf {
@@ -258,7 +255,7 @@ impl DiskPool {
         );
         let image = self.dir.join(format!("{stem}.img"));
         let at = self.dir.join(stem);
-        let made = format(&image, bytes, self.owner)
+        let made = format_image(&image, bytes, self.owner)
             .and_then(|()| {
                 fs::DirBuilder::new()
                     .mode(0o700)
@@ -299,68 +296,21 @@ impl Ready {
         })?;
         // From here, a failure removes the sandbox's copy.
         self.image = image;
-        attach(&self.tree, state_dir)?;
+        detached::attach(&self.tree, state_dir)?;
         // The sandbox's now: its mount stays when the descriptor goes.
         self.image = PathBuf::new();
         Ok(())
     }
 }
 
-fn cpath(path: &Path) -> Result<CString, DiskError> {
-    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| DiskError::Io {
-        what: "use",
-        path: path.to_path_buf(),
-        err: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })
-}
-
-/// The mount on `at` as a detached mount, and `at` unmounted.
+/// The mount on `at` as a detached mount (with moat-sandbox's mount calls),
+/// and `at` unmounted.
 fn detach(at: &Path) -> Result<OwnedFd, DiskError> {
-    let c = cpath(at)?;
-    // SAFETY: open_tree on a valid C string; we own the descriptor it returns.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(DiskError::Io {
-            what: "open_tree",
-            path: at.to_path_buf(),
-            err: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let opened = detached::open_path(at, Lookup::Own)?;
+    let tree = detached::clone_tree(&opened, false)?;
+    drop(opened);
     unmount(at)?;
     Ok(tree)
-}
-
-/// Attach the detached mount `tree` on `target`.
-fn attach(tree: &OwnedFd, target: &Path) -> Result<(), DiskError> {
-    let c = cpath(target)?;
-    // SAFETY: a descriptor we hold, valid C strings; the kernel copies them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc != 0 {
-        return Err(DiskError::Io {
-            what: "move_mount onto",
-            path: target.to_path_buf(),
-            err: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

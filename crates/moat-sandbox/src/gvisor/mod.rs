@@ -34,17 +34,25 @@ use nix::mount::MsFlags;
 
 use crate::init::{loopback_up, make_stdio, serve, Never, Processes};
 use crate::mounts::{m, HostMounts};
-use crate::spec::SandboxSpec;
+use crate::spec::{SandboxSpec, Tier};
 use crate::SandboxError;
 
 /// Start runsc on the sandbox's root file system and serve the daemon.
 pub(crate) fn run(
     spec: &SandboxSpec,
-    runsc: &Path,
-    platform: &str,
     host: HostMounts,
     listener: UnixListener,
 ) -> Result<Never, SandboxError> {
+    let Tier::Gvisor {
+        runsc,
+        platform,
+        release,
+        pids,
+    } = &spec.tier
+    else {
+        return Err(SandboxError::Start("not a gVisor sandbox".into()));
+    };
+    let (runsc, release) = (runsc.as_path(), *release);
     let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
     m(None, Path::new("/"), None, private, None)?;
     // runsc finds its processes through /proc: ours, of this PID namespace.
@@ -122,26 +130,24 @@ pub(crate) fn run(
     dir("exec")?;
     // Errors from here on are whole sentences: `Refused` adds nothing to
     // the "did not start" that the daemon's side puts before them.
-    let version = runsc::Runsc::find(Some(runsc)).map_err(SandboxError::Refused)?;
-    guest::write(
-        &stage.join("guest"),
-        version.date < runsc::STATX_FIXED_SINCE,
-    )?;
+    guest::write(&stage.join("guest"), release < runsc::STATX_FIXED_SINCE)?;
     let bundle = dir("bundle")?;
     let shm = spec.tmpfs_size.unwrap_or(crate::mounts::DEFAULT_SHM_SIZE);
     let config = oci::config(spec, &stage, shm);
     fs::write(bundle.join("config.json"), config.to_string())
         .map_err(|e| SandboxError::io("write the sandbox's config.json", e))?;
 
-    // runsc's sandbox and gofer keep the descriptors runsc had: a file, not
-    // a pipe that someone waits to see closed.
-    let log_path = stage.join("runsc.log");
-    let log = fs::File::create(&log_path)
-        .map_err(|e| SandboxError::io(format!("create {}", log_path.display()), e))?;
+    // runsc hands its own standard descriptors to the sandbox's first
+    // process, and its sandbox and gofer keep them: stdin and stdout are
+    // /dev/null, stderr a pipe that we read once `runsc run` has returned
+    // (its errors are written by then) and close, never waiting for its end.
+    // The guest's first process puts /dev/null over all three at once.
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SandboxError::sys("pipe", e))?;
     let globals = runsc::Globals {
         state,
         platform: platform.to_string(),
-        date: version.date,
+        date: release,
     };
     let status = globals
         .command(runsc)
@@ -149,19 +155,17 @@ pub(crate) fn run(
         .arg(&bundle)
         .arg(&spec.id)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(
-            log.try_clone().map_err(|e| SandboxError::io("dup", e))?,
-        ))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err_w))
         .status()
         .map_err(|e| SandboxError::io(format!("start {shown}"), e))?;
+    let said = read_available(err_r);
     if !status.success() {
         return Err(SandboxError::Refused(format!(
             "runsc could not start the sandbox ({status}): {}",
-            last_lines(&log_path, 3)
+            last_lines(&said, 3)
         )));
     }
-    let sandbox_pid = sandbox_pid(runsc, &globals, &spec.id)?;
     serve(
         listener,
         Gvisor {
@@ -170,16 +174,32 @@ pub(crate) fn run(
             stage,
             id: spec.id.clone(),
             no_new_privs: spec.no_new_privs,
-            sandbox_pid,
+            pids: *pids,
             pending: HashMap::new(),
             next: 0,
         },
     )
 }
 
-/// The last `n` lines of runsc's log, on one line.
-fn last_lines(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
+/// What is in the pipe now, without waiting for more (its other end may
+/// stay open as long as the sandbox runs).
+fn read_available(pipe: OwnedFd) -> String {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let _ = fcntl(pipe.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+    let mut file = fs::File::from(pipe);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < 1 << 16 {
+        match std::io::Read::read(&mut file, &mut buf) {
+            Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The last `n` lines of what runsc said, on one line.
+fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(n)..].join(" / ");
     if tail.is_empty() {
@@ -189,34 +209,14 @@ fn last_lines(path: &Path, n: usize) -> String {
     }
 }
 
-/// The host pid of runsc's sandbox process (the user-space kernel).
-fn sandbox_pid(runsc: &Path, globals: &runsc::Globals, id: &str) -> Result<i32, SandboxError> {
-    let out = globals
-        .command(runsc)
-        .args(["state", id])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| SandboxError::io(format!("run {}", runsc.display()), e))?;
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["pid"].as_i64())
-        .map(|p| p as i32)
-        .ok_or_else(|| {
-            SandboxError::Refused(format!(
-                "runsc started the sandbox but does not say its pid: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        })
-}
-
 struct Gvisor {
     runsc: PathBuf,
     globals: runsc::Globals,
     stage: PathBuf,
     id: String,
     no_new_privs: bool,
-    /// runsc's sandbox process: when it ends, so does the sandbox.
-    sandbox_pid: i32,
+    /// The sandbox's PID limit, which the guest helper sets as RLIMIT_NPROC.
+    pids: Option<u64>,
     /// The process spec of each `runsc exec` still running, removed when it ends.
     pending: HashMap<i32, PathBuf>,
     next: u64,
@@ -255,6 +255,7 @@ impl Processes for Gvisor {
         let mut helper_args = vec![
             guest::FILTERS.to_string(),
             u8::from(self.no_new_privs).to_string(),
+            self.pids.unwrap_or(0).to_string(),
             exec.user.clone().unwrap_or_default(),
             exec.cwd.clone().unwrap_or_default(),
             u8::from(tty).to_string(),
@@ -315,10 +316,16 @@ impl Processes for Gvisor {
         true
     }
 
+    /// Our children are the `runsc exec`s we started and, once `runsc run`
+    /// has detached them, runsc's sandbox (the user-space kernel) and its
+    /// gofer: when either of those ends, so does the sandbox.
     fn reaped(&mut self, pid: i32) -> bool {
-        if let Some(path) = self.pending.remove(&pid) {
-            let _ = fs::remove_file(path);
+        match self.pending.remove(&pid) {
+            Some(path) => {
+                let _ = fs::remove_file(path);
+                false
+            }
+            None => true,
         }
-        pid == self.sandbox_pid
     }
 }
