@@ -441,7 +441,10 @@ impl std::str::FromStr for Isolation {
             .find(|i| i.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Isolation::ALL.iter().map(|i| i.name()).collect();
-                format!("unknown isolation tier {s:?}: moat has {}", names.join(", "))
+                format!(
+                    "unknown isolation tier {s:?}: moat has {}",
+                    names.join(", ")
+                )
             })
     }
 }

@@ -574,7 +574,10 @@ fn sandbox(cmd: SandboxCmd) -> Result<i32> {
                         ]
                     })
                     .collect();
-                table(&["SANDBOX", "AGENT", "STATUS", "ISOLATION", "WORKSPACE"], &rows);
+                table(
+                    &["SANDBOX", "AGENT", "STATUS", "ISOLATION", "WORKSPACE"],
+                    &rows,
+                );
             }
             Ok(0)
         }

@@ -104,7 +104,13 @@ fn ls_inspect_stop_run_and_rm() {
     let line = table.lines().find(|l| l.starts_with(&sb.name)).unwrap();
     assert_eq!(
         line.split_whitespace().collect::<Vec<_>>(),
-        vec![sb.name.as_str(), "shell", "running", "namespaces", ws.as_str()]
+        vec![
+            sb.name.as_str(),
+            "shell",
+            "running",
+            "namespaces",
+            ws.as_str()
+        ]
     );
     assert!(moat_ok(&["sandbox", "ls", "-q"])
         .lines()

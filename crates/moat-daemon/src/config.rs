@@ -333,9 +333,10 @@ impl Config {
             self.sandbox.disk = v;
         }
         if let Some(v) = get("MOAT_SANDBOX_ISOLATION") {
-            self.sandbox.isolation = v.trim().parse().map_err(|e| {
-                DaemonError::Config(format!("MOAT_SANDBOX_ISOLATION: {e}"))
-            })?;
+            self.sandbox.isolation = v
+                .trim()
+                .parse()
+                .map_err(|e| DaemonError::Config(format!("MOAT_SANDBOX_ISOLATION: {e}")))?;
         }
         if let Some(v) = get("MOAT_SANDBOX_RUNSC") {
             self.sandbox.runsc = v;

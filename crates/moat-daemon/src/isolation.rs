@@ -16,7 +16,10 @@ use crate::DaemonError;
 
 impl Daemon {
     /// The tier a create request gets.
-    pub(crate) fn pick_isolation(&self, asked: Option<Isolation>) -> Result<Isolation, DaemonError> {
+    pub(crate) fn pick_isolation(
+        &self,
+        asked: Option<Isolation>,
+    ) -> Result<Isolation, DaemonError> {
         let tier = asked.unwrap_or(self.config().sandbox.isolation);
         // Checked now, so that a sandbox that cannot start is never made.
         self.tier_spec(tier, &Limits::default())?;
@@ -81,16 +84,8 @@ impl Daemon {
                 self.config().sandbox.uid_base
             )
         };
-        let cgroups = wall(
-            "cgroup limits",
-            limits.enforced,
-            limits.note.clone(),
-        );
-        let disk = wall(
-            "disk budget",
-            limits.disk.enforced,
-            limits.disk.by.clone(),
-        );
+        let cgroups = wall("cgroup limits", limits.enforced, limits.note.clone());
+        let disk = wall("disk budget", limits.disk.enforced, limits.disk.by.clone());
         match tier {
             Isolation::Namespaces => {
                 let landlock = moat_sandbox::landlock::sandbox_abi();
@@ -103,9 +98,14 @@ impl Daemon {
                         wall(
                             "seccomp",
                             true,
-                            "an allow-list (crates/moat-sandbox/src/seccomp.json); x32 refused".into(),
+                            "an allow-list (crates/moat-sandbox/src/seccomp.json); x32 refused"
+                                .into(),
                         ),
-                        wall("landlock", landlock.is_some(), moat_sandbox::landlock::describe()),
+                        wall(
+                            "landlock",
+                            landlock.is_some(),
+                            moat_sandbox::landlock::describe(),
+                        ),
                         cgroups,
                         disk,
                     ],

@@ -21,8 +21,8 @@ use moat_sandbox::spec::{BindMount, SandboxSpec};
 use moat_sandbox::{control, launch, IdMap};
 
 use crate::helpers::{remove_mapped, MappedUnpacker};
-use crate::ports::Forwarder;
 use crate::isolation;
+use crate::ports::Forwarder;
 use crate::server::Replies;
 use crate::state::{SandboxRow, State};
 use crate::{Config, DaemonError, Paths};

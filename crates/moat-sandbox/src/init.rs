@@ -207,7 +207,10 @@ impl Processes for Forked {
 
 /// Say that the sandbox is ready, then serve the daemon's requests on
 /// `listener` until a stop request or a signal ends the sandbox.
-pub(crate) fn serve(listener: UnixListener, processes: impl Processes) -> Result<Never, SandboxError> {
+pub(crate) fn serve(
+    listener: UnixListener,
+    processes: impl Processes,
+) -> Result<Never, SandboxError> {
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGCHLD,

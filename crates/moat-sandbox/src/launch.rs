@@ -133,7 +133,9 @@ fn handshake(child: &mut std::process::Child, l: &Launch) -> Result<Started, San
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
             }
             // Init may say "did not start" itself: once is enough.
-            let err = err.strip_prefix("the sandbox did not start: ").unwrap_or(err);
+            let err = err
+                .strip_prefix("the sandbox did not start: ")
+                .unwrap_or(err);
             return Err(SandboxError::Start(err.to_string()));
         }
     }

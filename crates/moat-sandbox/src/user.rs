@@ -120,7 +120,8 @@ pub fn find_program(argv0: &str, env: &[String]) -> Option<String> {
 mod tests {
     use super::*;
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nagent:x:1000:1000::/home/agent:/bin/bash\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nagent:x:1000:1000::/home/agent:/bin/bash\n";
     const GROUP: &str = "root:x:0:\nsudo:x:27:agent\nagent:x:1000:\n";
 
     #[test]

@@ -57,7 +57,6 @@ pub const SIZE: usize = 2;
 /// the pool rests this long before trying again; creates make their own.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
-
 /// The pool's directory under the state root.
 pub fn dir(paths: &Paths) -> PathBuf {
     paths.state.join("disk-pool")
