@@ -19,11 +19,12 @@
 mod guest;
 mod oci;
 pub mod runsc;
+mod stage;
 
 use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ use crate::init::{loopback_up, make_stdio, serve, Never, Processes};
 use crate::mounts::{m, HostMounts};
 use crate::spec::{SandboxSpec, Tier};
 use crate::SandboxError;
+use stage::Stage;
 
 /// Start runsc on the sandbox's root file system and serve the daemon.
 pub(crate) fn run(
@@ -52,7 +54,6 @@ pub(crate) fn run(
     else {
         return Err(SandboxError::Start("not a gVisor sandbox".into()));
     };
-    let (runsc, release) = (runsc.as_path(), *release);
     let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
     m(None, Path::new("/"), None, private, None)?;
     // runsc finds its processes through /proc: ours, of this PID namespace.
@@ -61,81 +62,14 @@ pub(crate) fn run(
     nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
     loopback_up()?;
 
-    // runsc itself, opened before the stage covers /tmp (where a runsc of
-    // the user's may be) and bound into the stage, where every later call
-    // finds it.
-    let runsc_fd = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH)
-        .open(runsc)
-        .map_err(|e| {
-            SandboxError::Refused(format!(
-                "cannot reach {} as the sandbox's ids: {e}; install runsc where every user can run it (`sandbox.runsc` in the configuration)",
-                runsc.display()
-            ))
-        })?;
-
-    // The stage is a tmpfs over this mount namespace's /tmp, a path that
-    // runsc can reach whatever ids we have: the host's paths to the
-    // sandbox's files (under state roots that the sandbox's ids may not
-    // traverse) are not needed, as they are open already (`host`).
-    let stage = PathBuf::from("/tmp");
-    m(
-        Some("tmpfs"),
-        &stage,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=700,size=32m"),
-    )?;
-    let dir = |name: &str| -> Result<PathBuf, SandboxError> {
-        let p = stage.join(name);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&p)
-            .map_err(|e| SandboxError::io(format!("create {}", p.display()), e))?;
-        Ok(p)
-    };
-    crate::detached::attach(&host.overlay, &dir("root")?)?;
-    for (i, tree) in host.workspaces.iter().enumerate() {
-        crate::detached::attach(tree, &dir(&format!("ws{i}"))?)?;
-    }
-    for (i, tree) in host.files.iter().enumerate() {
-        let p = stage.join(format!("file{i}"));
-        fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o444)
-            .open(&p)
-            .map_err(|e| SandboxError::io(format!("create {}", p.display()), e))?;
-        crate::detached::attach(tree, &p)?;
-    }
-    let staged = stage.join("runsc");
-    fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o500)
-        .open(&staged)
-        .map_err(|e| SandboxError::io(format!("create {}", staged.display()), e))?;
-    m(
-        Some(&format!("/proc/self/fd/{}", runsc_fd.as_raw_fd())),
-        &staged,
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
-    drop(runsc_fd);
+    let Stage {
+        dir: stage,
+        runsc: staged_runsc,
+        state,
+        bundle,
+    } = stage::build(spec, host, runsc, *release)?;
     let shown = runsc.display().to_string();
-    let runsc = staged.as_path();
-    let state = dir("state")?;
-    dir("exec")?;
-    // Errors from here on are whole sentences: `Refused` adds nothing to
-    // the "did not start" that the daemon's side puts before them.
-    guest::write(&stage.join("guest"), release < runsc::STATX_FIXED_SINCE)?;
-    let bundle = dir("bundle")?;
-    let shm = spec.tmpfs_size.unwrap_or(crate::mounts::DEFAULT_SHM_SIZE);
-    let config = oci::config(spec, &stage, shm);
-    fs::write(bundle.join("config.json"), config.to_string())
-        .map_err(|e| SandboxError::io("write the sandbox's config.json", e))?;
+    let runsc = staged_runsc.as_path();
 
     // runsc hands its own standard descriptors to the sandbox's first
     // process, and its sandbox and gofer keep them: stdin and stdout are
@@ -147,7 +81,7 @@ pub(crate) fn run(
     let globals = runsc::Globals {
         state,
         platform: platform.to_string(),
-        date: release,
+        date: *release,
     };
     let status = globals
         .command(runsc)
