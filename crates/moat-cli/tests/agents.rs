@@ -88,7 +88,11 @@ fn agent_sandbox_in(agent: &str, tier: &str) -> Sandbox {
         agent,
         workspace.path().to_str().unwrap(),
     ]);
-    Sandbox { name, workspace }
+    Sandbox {
+        name,
+        workspace,
+        rootless: None,
+    }
 }
 
 fn exec(sb: &Sandbox, argv: &[&str]) -> Output {

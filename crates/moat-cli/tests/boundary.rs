@@ -1,7 +1,7 @@
 //! The attacks of "Hold the boundary" (`battery/boundary.rs`) on the
 //! namespace tier. The same attacks run on the gVisor tier from
-//! `boundary_gvisor.rs`; their rootless variants live in `rootless.rs` and
-//! `boundary_gvisor.rs`.
+//! `boundary_gvisor.rs`; each binary also runs the rootless attack on its
+//! tier, with a daemon of an unprivileged user (`common/rootless.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

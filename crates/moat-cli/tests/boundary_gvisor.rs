@@ -1,6 +1,6 @@
 //! The attacks of "Hold the boundary" (`battery/boundary.rs`) on the gVisor
-//! tier, as root; and, as an unprivileged user, the attacks of `rootless.rs`
-//! on the gVisor tier.
+//! tier, as root and, for the attacks that apply without root, as an
+//! unprivileged user.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

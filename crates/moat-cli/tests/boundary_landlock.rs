@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::rootless::Rootless;
 use common::*;
 
 /// The default `uid_base` of a root daemon: the agent is `UID_BASE + 1000` on the host.
@@ -398,7 +399,7 @@ fn a_planted_host_directory_descriptor_opens_nothing_below_it() {
 /// through.
 #[test]
 fn a_rootless_sandbox_opens_nothing_below_a_planted_host_directory_descriptor() {
-    let r = Rootless::setup();
+    let r = Rootless::setup("ll");
     let ws = r.dir.join("ws");
     let w = ws.to_str().unwrap();
     r.ok(&["sandbox", "create", "--name", "rll", "shell", w]);
@@ -449,93 +450,4 @@ fn a_rootless_sandbox_opens_nothing_below_a_planted_host_directory_descriptor() 
     assert!(!ws.join("stolen").exists());
 
     assert_host_opens(&host.probe_on_host(r.uid));
-}
-
-// The rootless harness of `rootless.rs`: a daemon run by `moat-test`.
-
-const USER: &str = "moat-test";
-
-struct Rootless {
-    dir: PathBuf,
-    uid: u32,
-}
-
-impl Rootless {
-    fn setup() -> Rootless {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the rootless tests switch users and must start as root"
-        );
-        let user = nix::unistd::User::from_name(USER)
-            .unwrap()
-            .unwrap_or_else(|| panic!("no user {USER}: run scripts/test.sh, which creates it"));
-        let dir = PathBuf::from(format!("/tmp/moat-rootless-{}", unique("ll")));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("cache/templates")).unwrap();
-        std::fs::copy(BIN, dir.join("moat")).unwrap();
-        let target = cached_shell_tarball_into(&dir.join("cache/templates"));
-        for p in [dir.clone(), dir.join("cache"), dir.join("cache/templates")] {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
-        for sub in ["user", "ws"] {
-            std::fs::create_dir(dir.join(sub)).unwrap();
-            nix::unistd::chown(&dir.join(sub), Some(user.uid), Some(user.gid)).unwrap();
-        }
-        Rootless {
-            dir,
-            uid: user.uid.as_raw(),
-        }
-    }
-
-    fn moat(&self, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args([
-                "-u",
-                USER,
-                "--",
-                "env",
-                "-i",
-                "PATH=/usr/local/bin:/usr/bin:/bin",
-                "HOME=/tmp",
-            ])
-            .arg(format!(
-                "MOAT_HOME={}",
-                self.dir.join("user/state").display()
-            ))
-            .arg(format!(
-                "MOAT_RUNTIME_DIR={}",
-                self.dir.join("user/run").display()
-            ))
-            .arg(format!(
-                "MOAT_CACHE_DIR={}",
-                self.dir.join("cache").display()
-            ))
-            .arg(self.dir.join("moat"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.moat(args);
-        assert!(out.status.success(), "moat {args:?}: {}", text(&out.stderr));
-        text(&out.stdout)
-    }
-}
-
-impl Drop for Rootless {
-    fn drop(&mut self) {
-        let _ = self.moat(&["sandbox", "reset", "-f"]);
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("user/run/moat.lock")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }

@@ -16,11 +16,12 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::rootless::Rootless;
 use common::*;
 use serde_json::json;
 
@@ -581,7 +582,11 @@ fn a_sandbox_given_an_image_made_ahead_is_held_to_its_budget_and_two_at_once_get
         .map(|((child, name), workspace)| {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success(), "{name}: {}", text(&out.stderr));
-            Sandbox { name, workspace }
+            Sandbox {
+                name,
+                workspace,
+                rootless: None,
+            }
         })
         .collect();
     let made: Vec<(PathBuf, u64, String)> =
@@ -686,80 +691,6 @@ fn a_killed_daemon_leaves_no_image_made_ahead_mounted_and_the_next_fills_its_own
 
 // ---- rootless ----
 
-const USER: &str = "moat-test";
-
-/// A daemon of the unprivileged user `moat-test` (see rootless.rs).
-struct Rootless {
-    dir: PathBuf,
-}
-
-impl Rootless {
-    fn setup() -> Rootless {
-        let user = nix::unistd::User::from_name(USER)
-            .unwrap()
-            .unwrap_or_else(|| panic!("no user {USER}: run scripts/test.sh, which creates it"));
-        let dir = PathBuf::from(format!("/tmp/moat-rootless-{}", unique("disk")));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("cache/templates")).unwrap();
-        std::fs::copy(BIN, dir.join("moat")).unwrap();
-        let target = cached_shell_tarball_into(&dir.join("cache/templates"));
-        for p in [dir.clone(), dir.join("cache"), dir.join("cache/templates")] {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
-        for sub in ["user", "ws"] {
-            std::fs::create_dir(dir.join(sub)).unwrap();
-            nix::unistd::chown(&dir.join(sub), Some(user.uid), Some(user.gid)).unwrap();
-        }
-        Rootless { dir }
-    }
-
-    fn moat(&self, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args([
-                "-u",
-                USER,
-                "--",
-                "env",
-                "-i",
-                "PATH=/usr/local/bin:/usr/bin:/bin",
-                "HOME=/tmp",
-            ])
-            .arg(format!(
-                "MOAT_HOME={}",
-                self.dir.join("user/state").display()
-            ))
-            .arg(format!(
-                "MOAT_RUNTIME_DIR={}",
-                self.dir.join("user/run").display()
-            ))
-            .arg(format!(
-                "MOAT_CACHE_DIR={}",
-                self.dir.join("cache").display()
-            ))
-            .arg(self.dir.join("moat"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Rootless {
-    fn drop(&mut self) {
-        let _ = self.moat(&["sandbox", "reset", "-f"]);
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("user/run/moat.lock")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn rootless_a_disk_budget_is_not_enforced_and_create_says_so() {
     let _serial = serial();
@@ -767,7 +698,7 @@ fn rootless_a_disk_budget_is_not_enforced_and_create_says_so() {
         nix::unistd::geteuid().is_root(),
         "the rootless tests switch users and must start as root"
     );
-    let r = Rootless::setup();
+    let r = Rootless::setup("disk");
     let w = r.dir.join("ws");
     let out = r.moat(&[
         "sandbox",

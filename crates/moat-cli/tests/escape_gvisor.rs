@@ -10,5 +10,9 @@ mod common;
 /// The tier every sandbox of this binary runs on.
 const TIER: common::Tier = common::Tier::Gvisor;
 
+/// Whether the battery's sandboxes are run by an unprivileged user's daemon
+/// (`escape_rootless.rs`, `escape_gvisor_rootless.rs`) or, here, by root's.
+const ROOTLESS: bool = false;
+
 #[path = "battery/escape.rs"]
 mod escape;

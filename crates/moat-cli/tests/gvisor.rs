@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::rootless::Rootless;
 use common::tmux::{tmux, Session};
 use common::*;
 use serde_json::json;
@@ -34,7 +35,11 @@ fn gvisor_on(prefix: &str, workspace: tempfile::TempDir, extra: &[&str]) -> Sand
     args.extend_from_slice(&["shell", &ws]);
     args.extend_from_slice(extra);
     moat_ok(&args);
-    Sandbox { name, workspace }
+    Sandbox {
+        name,
+        workspace,
+        rootless: None,
+    }
 }
 
 fn workspace() -> tempfile::TempDir {
@@ -887,110 +892,11 @@ fn a_runsc_that_fails_shows_its_error_and_leaves_nothing_behind() {
 
 // ----- rootless -----
 
-const ROOTLESS_USER: &str = "moat-test";
-
-/// A daemon of the unprivileged user `moat-test` with state of its own, as
-/// `rootless.rs` runs one (see there).
-struct Rootless {
-    dir: PathBuf,
-    uid: u32,
-}
-
-impl Rootless {
-    fn setup() -> Rootless {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the rootless tests switch users and must start as root"
-        );
-        let user = nix::unistd::User::from_name(ROOTLESS_USER)
-            .unwrap()
-            .unwrap_or_else(|| {
-                panic!("no user {ROOTLESS_USER}: run scripts/test.sh, which creates it")
-            });
-        let dir = PathBuf::from(format!("/tmp/moat-rootless-{}", unique("gv")));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["", "cache/templates"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        std::fs::copy(BIN, dir.join("moat")).unwrap();
-        let target = cached_shell_tarball_into(&dir.join("cache/templates"));
-        for p in [dir.clone(), dir.join("cache"), dir.join("cache/templates")] {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
-        for sub in ["user", "ws"] {
-            std::fs::create_dir(dir.join(sub)).unwrap();
-            nix::unistd::chown(&dir.join(sub), Some(user.uid), Some(user.gid)).unwrap();
-        }
-        Rootless {
-            dir,
-            uid: user.uid.as_raw(),
-        }
-    }
-
-    fn moat(&self, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args([
-                "-u",
-                ROOTLESS_USER,
-                "--",
-                "env",
-                "-i",
-                "PATH=/usr/local/bin:/usr/bin:/bin",
-                "HOME=/tmp",
-            ])
-            .arg(format!(
-                "MOAT_HOME={}",
-                self.dir.join("user/state").display()
-            ))
-            .arg(format!(
-                "MOAT_RUNTIME_DIR={}",
-                self.dir.join("user/run").display()
-            ))
-            .arg(format!(
-                "MOAT_CACHE_DIR={}",
-                self.dir.join("cache").display()
-            ))
-            .arg(self.dir.join("moat"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.moat(args);
-        assert!(out.status.success(), "moat {args:?}: {}", text(&out.stderr));
-        text(&out.stdout)
-    }
-
-    fn inspect(&self, name: &str) -> serde_json::Value {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ok(&["sandbox", "inspect", name])).unwrap();
-        v[0].clone()
-    }
-}
-
-impl Drop for Rootless {
-    fn drop(&mut self) {
-        let _ = self.moat(&["sandbox", "reset", "-f"]);
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("user/run/moat.lock")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// runsc runs as root of the sandbox's user namespace, which a rootless
 /// daemon makes as well as a root one: the tier works without root.
 #[test]
 fn an_unprivileged_user_runs_a_gvisor_sandbox() {
-    let r = Rootless::setup();
+    let r = Rootless::setup("gv");
     let ws = r.dir.join("ws");
     let w = ws.to_str().unwrap();
     let out = r.moat(&[

@@ -14,7 +14,7 @@
 //! the test says how, next to the namespace tier's expectation, which stays
 //! as it was.
 //!
-//! As an unprivileged user: `rootless.rs` (the namespace tier) and
+//! As an unprivileged user:
 //! [`a_rootless_sandbox_plants_no_capability_or_set_id_file_and_holds_no_caller_descriptor`]
 //! here, on this binary's tier.
 
@@ -469,6 +469,7 @@ fn a_link_planted_in_a_workspace_path_is_refused_at_the_next_start() {
     let sb = Sandbox {
         name: name.clone(),
         workspace: ws,
+        rootless: None,
     };
     let plant = sb.sh(&format!(
         "mv {w}/libs {w}/libs.old && ln -s {} {w}/libs && echo planted",
@@ -532,8 +533,7 @@ fn exec_returns_when_its_process_exits_though_a_background_one_holds_the_output(
 /// The attacks of "Hold the boundary" that apply without root, run by the
 /// unprivileged user's daemon on this binary's tier: a file capability or a
 /// set-id file (through `O_TMPFILE` too) planted in the workspace, and the
-/// caller's descriptors reaching the sandbox. (`rootless.rs` runs the same
-/// on the namespace tier, where it began.)
+/// caller's descriptors reaching the sandbox.
 #[test]
 fn a_rootless_sandbox_plants_no_capability_or_set_id_file_and_holds_no_caller_descriptor() {
     use crate::common::rootless::{Created, Rootless};

@@ -158,6 +158,9 @@ impl Tier {
 pub struct Sandbox {
     pub name: String,
     pub workspace: tempfile::TempDir,
+    /// The unprivileged user's daemon that runs it (see
+    /// [`Sandbox::on_rootless`]); `None`: the tests' root daemon.
+    pub rootless: Option<std::sync::Arc<rootless::Rootless>>,
 }
 
 impl Sandbox {
@@ -184,7 +187,11 @@ impl Sandbox {
         args.extend_from_slice(&["shell", &ws]);
         args.extend_from_slice(extra);
         moat_ok(&args);
-        Sandbox { name, workspace }
+        Sandbox {
+            name,
+            workspace,
+            rootless: None,
+        }
     }
 
     /// Create on `tier` with `flags`, a fresh workspace, then `extra`
@@ -205,18 +212,125 @@ impl Sandbox {
         sb
     }
 
+    /// Create on `tier`, as [`Sandbox::on`] does, with the daemon of the
+    /// unprivileged user `moat-test` (shared by this test process's
+    /// sandboxes; see [`rootless::Rootless::shared`]) and a fresh workspace
+    /// that user owns. `extra` workspaces must be the user's too (see
+    /// [`Sandbox::own`]).
+    pub fn on_rootless(tier: Tier, prefix: &str, flags: &[&str], extra: &[&str]) -> Sandbox {
+        let r = rootless::Rootless::shared();
+        let workspace = tempfile::Builder::new()
+            .prefix("moat-ws-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        r.own(workspace.path());
+        let name = unique(prefix);
+        let ws = workspace.path().to_str().unwrap().to_string();
+        let [flag, value] = tier.flags();
+        let mut args = vec!["sandbox", "create", "--name", &name, flag, value];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["shell", &ws]);
+        args.extend_from_slice(extra);
+        let out = r.moat(&args);
+        assert!(
+            out.status.success(),
+            "rootless moat {args:?} failed: {}\n{}",
+            text(&out.stderr),
+            text(&out.stdout)
+        );
+        let sb = Sandbox {
+            name,
+            workspace,
+            rootless: Some(r),
+        };
+        let info = sb.inspect();
+        assert_eq!(
+            info["isolation"]["tier"].as_str(),
+            Some(tier.name()),
+            "sandbox {} is not on the {} tier: {}",
+            sb.name,
+            tier.name(),
+            info["isolation"]
+        );
+        sb
+    }
+
+    /// [`Sandbox::on_rootless`] where `rootless`, else [`Sandbox::on`].
+    pub fn on_as(
+        tier: Tier,
+        rootless: bool,
+        prefix: &str,
+        flags: &[&str],
+        extra: &[&str],
+    ) -> Sandbox {
+        if rootless {
+            Sandbox::on_rootless(tier, prefix, flags, extra)
+        } else {
+            Sandbox::on(tier, prefix, flags, extra)
+        }
+    }
+
+    /// A command for `moat ARGS…` through this sandbox's daemon.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        match &self.rootless {
+            Some(r) => r.cmd(args),
+            None => {
+                let mut cmd = moat_cmd();
+                cmd.args(args);
+                cmd
+            }
+        }
+    }
+
+    /// `moat ARGS…` through this sandbox's daemon.
+    pub fn moat(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run moat")
+    }
+
+    /// [`Sandbox::moat`], insisting on success; returns stdout.
+    pub fn moat_ok(&self, args: &[&str]) -> String {
+        let out = self.moat(args);
+        assert!(
+            out.status.success(),
+            "moat {args:?} failed: {}\n{}",
+            text(&out.stderr),
+            text(&out.stdout)
+        );
+        text(&out.stdout)
+    }
+
+    /// The state and runtime roots of this sandbox's daemon.
+    pub fn roots(&self) -> (PathBuf, PathBuf) {
+        match &self.rootless {
+            Some(r) => (r.state(), r.runtime()),
+            None => roots(),
+        }
+    }
+
+    /// Give a host path to the user whose daemon runs the sandbox (nothing
+    /// for the root daemon's): a file put into the workspace, an extra
+    /// workspace.
+    pub fn own(&self, path: &Path) {
+        if let Some(r) = &self.rootless {
+            r.own(path);
+        }
+    }
+
     pub fn ws(&self) -> &Path {
         self.workspace.path()
     }
 
     /// `sh -c SCRIPT` inside as `agent`.
     pub fn sh(&self, script: &str) -> Output {
-        moat(&["sandbox", "exec", &self.name, "sh", "-c", script])
+        self.moat(&["sandbox", "exec", &self.name, "sh", "-c", script])
     }
 
     /// `sh -c SCRIPT` inside as the sandbox's root.
     pub fn root_sh(&self, script: &str) -> Output {
-        moat(&[
+        self.moat(&[
             "sandbox", "exec", "-u", "root", &self.name, "sh", "-c", script,
         ])
     }
@@ -225,11 +339,11 @@ impl Sandbox {
     pub fn network_proxy(&self, args: &[&str]) {
         let mut all = vec!["sandbox", "network", "proxy", &self.name];
         all.extend_from_slice(args);
-        moat_ok(&all);
+        self.moat_ok(&all);
     }
 
     pub fn inspect(&self) -> serde_json::Value {
-        let out = moat_ok(&["sandbox", "inspect", &self.name]);
+        let out = self.moat_ok(&["sandbox", "inspect", &self.name]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v[0].clone()
     }
@@ -243,7 +357,7 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let _ = moat(&["sandbox", "rm", &self.name]);
+        let _ = self.moat(&["sandbox", "rm", &self.name]);
     }
 }
 
@@ -314,11 +428,12 @@ pub fn sandbox_host_pids(init_pid: i32) -> Vec<i32> {
 pub fn python_in_sandbox(sb: &Sandbox, code: &str, root: bool) -> Output {
     let path = sb.ws().join(format!("probe-{}.py", unique("p")));
     std::fs::write(&path, code).unwrap();
+    sb.own(&path);
     let p = path.to_str().unwrap();
     if root {
-        moat(&["sandbox", "exec", "-u", "root", &sb.name, "python3", p])
+        sb.moat(&["sandbox", "exec", "-u", "root", &sb.name, "python3", p])
     } else {
-        moat(&["sandbox", "exec", &sb.name, "python3", p])
+        sb.moat(&["sandbox", "exec", &sb.name, "python3", p])
     }
 }
 

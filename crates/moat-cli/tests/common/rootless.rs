@@ -15,6 +15,7 @@ pub const USER: &str = "moat-test";
 pub struct Rootless {
     pub dir: PathBuf,
     pub uid: u32,
+    pub gid: u32,
 }
 
 /// What [`Rootless::create`] says about a sandbox.
@@ -53,6 +54,7 @@ impl Rootless {
         Rootless {
             dir,
             uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
         }
     }
 
@@ -61,36 +63,69 @@ impl Rootless {
         self.dir.join("ws")
     }
 
-    /// `moat ARGS…` as the user, with these roots and nothing else of ours
-    /// in its environment.
+    /// A command for `moat ARGS…` as the user, with these roots and nothing
+    /// else of ours in its environment; stdin, stdout and stderr are the
+    /// caller's to set.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            "-i",
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+            "HOME=/tmp",
+        ])
+        .arg(format!("MOAT_HOME={}", self.state().display()))
+        .arg(format!("MOAT_RUNTIME_DIR={}", self.runtime().display()))
+        .arg(format!(
+            "MOAT_CACHE_DIR={}",
+            self.dir.join("cache").display()
+        ))
+        .arg(self.dir.join("moat"))
+        .args(args);
+        cmd
+    }
+
+    /// `moat ARGS…` as the user (see [`Rootless::cmd`]).
     pub fn moat(&self, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args([
-                "-u",
-                USER,
-                "--",
-                "env",
-                "-i",
-                "PATH=/usr/local/bin:/usr/bin:/bin",
-                "HOME=/tmp",
-            ])
-            .arg(format!(
-                "MOAT_HOME={}",
-                self.dir.join("user/state").display()
-            ))
-            .arg(format!(
-                "MOAT_RUNTIME_DIR={}",
-                self.dir.join("user/run").display()
-            ))
-            .arg(format!(
-                "MOAT_CACHE_DIR={}",
-                self.dir.join("cache").display()
-            ))
-            .arg(self.dir.join("moat"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// The daemon's state root (`MOAT_HOME`).
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("user/state")
+    }
+
+    /// The daemon's runtime root (`MOAT_RUNTIME_DIR`: its socket, its lock).
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.join("user/run")
+    }
+
+    /// Give `path` to the user, as its own files are on the host (a
+    /// workspace, a file the test puts into one).
+    pub fn own(&self, path: &Path) {
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(self.uid)),
+            Some(nix::unistd::Gid::from_raw(self.gid)),
+        )
+        .unwrap();
+    }
+
+    /// A process-wide daemon of the user, shared by the sandboxes that are
+    /// alive at once, and stopped and removed with the last of them.
+    pub fn shared() -> std::sync::Arc<Rootless> {
+        static SHARED: std::sync::Mutex<std::sync::Weak<Rootless>> =
+            std::sync::Mutex::new(std::sync::Weak::new());
+        let mut held = SHARED.lock().unwrap();
+        if let Some(r) = held.upgrade() {
+            return r;
+        }
+        let r = std::sync::Arc::new(Rootless::setup("sb"));
+        *held = std::sync::Arc::downgrade(&r);
+        r
     }
 
     /// Run and insist on success; returns stdout.
@@ -98,6 +133,13 @@ impl Rootless {
         let out = self.moat(args);
         assert!(out.status.success(), "moat {args:?}: {}", text(&out.stderr));
         text(&out.stdout)
+    }
+
+    /// `sandbox inspect NAME`'s one sandbox.
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["sandbox", "inspect", name])).unwrap();
+        v[0].clone()
     }
 
     /// `sandbox create --name NAME --isolation TIER shell WS`. A tier other
@@ -135,7 +177,7 @@ impl Rootless {
 impl Drop for Rootless {
     fn drop(&mut self) {
         let _ = self.moat(&["sandbox", "reset", "-f"]);
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("user/run/moat.lock")) {
+        if let Ok(pid) = std::fs::read_to_string(self.runtime().join("moat.lock")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
