@@ -15,6 +15,11 @@ runtime roots under /tmp/moat-bench-agents and the model runner on 127.0.0.1:124
 (which must be free). OpenClaw for the host is installed once, from npm, under
 ~/.cache/moat/bench/openclaw (the same pinned version as the template).
 """
+# Whatever way this bench ends, it leaves nothing running (scripts/leftovers.py).
+import os as _os, sys as _sys  # noqa: E402
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "scripts"))
+import leftovers  # noqa: E402
+leftovers.watch_this_script()
 import argparse
 import base64
 import hashlib

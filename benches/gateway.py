@@ -15,6 +15,11 @@ Usage: benches/gateway.py [--connect-only] [--runs N] [--baseline PATH]   (after
                    run, e.g. a copy of target/release/examples/standalone from before a change
 Installs squid, tinyproxy and wrk with apt when missing.
 """
+# Whatever way this bench ends, it leaves nothing running (scripts/leftovers.py).
+import os as _os, sys as _sys  # noqa: E402
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "scripts"))
+import leftovers  # noqa: E402
+leftovers.watch_this_script()
 import os
 import re
 import shutil

@@ -12,6 +12,11 @@ not be), on a bundle of the same image (moat's shell template, unpacked from the
 [--io-runs N] [--roots DIR]. Uses its own state and runtime roots, and stops its daemon and
 removes its containers at the end.
 """
+# Whatever way this bench ends, it leaves nothing running (scripts/leftovers.py).
+import os as _os, sys as _sys  # noqa: E402
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "scripts"))
+import leftovers  # noqa: E402
+leftovers.watch_this_script()
 import argparse
 import glob
 import json

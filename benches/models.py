@@ -33,6 +33,11 @@ cached). moat runs as its own daemon, with its own state under a temporary direc
 runner on --moat-port (MOAT_MODEL_PORT), so a daemon already on 12434 is left alone; --moat-running
 uses a moat already serving --moat-url instead (the models already in its store; no cold load then).
 """
+# Whatever way this bench ends, it leaves nothing running (scripts/leftovers.py).
+import os as _os, sys as _sys  # noqa: E402
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "scripts"))
+import leftovers  # noqa: E402
+leftovers.watch_this_script()
 import argparse
 import http.client
 import json

@@ -14,6 +14,11 @@ plus a layer with 32 MiB of new files and a deleted one. Registries are Debian's
 
 Usage: benches/registry.py [--moat target/release/moat] [--runs N]
 """
+# Whatever way this bench ends, it leaves nothing running (scripts/leftovers.py).
+import os as _os, sys as _sys  # noqa: E402
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "scripts"))
+import leftovers  # noqa: E402
+leftovers.watch_this_script()
 import argparse
 import os
 import shutil

@@ -14,6 +14,11 @@ Uses its own state and runtime roots under --roots (/tmp/moat-bench; give two
 builds different ones), and stops its daemon at the end; the template comes
 from the cache (~/.cache/moat), built on first use.
 """
+# Whatever way this bench ends, it leaves nothing running (scripts/leftovers.py).
+import os as _os, sys as _sys  # noqa: E402
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "scripts"))
+import leftovers  # noqa: E402
+leftovers.watch_this_script()
 import argparse
 import os
 import shutil

@@ -21,4 +21,7 @@ scripts/pyenv.sh >/dev/null
 # Node.js 26, whose fetch the gateway's tests drive inside a sandbox.
 scripts/node.sh >/dev/null
 cargo build --workspace --all-targets
-cargo nextest run --workspace --no-fail-fast "$@"
+# The suite runs as the subreaper of all it starts: at its end the shared
+# test daemons are stopped, and anything else still running fails it
+# (scripts/leftovers.py).
+scripts/leftovers.py -- cargo nextest run --workspace --no-fail-fast "$@"

@@ -131,6 +131,15 @@ pub enum Request {
         model: String,
         context_size: Option<u32>,
         keep_alive: Option<String>,
+        /// Every request's temperature, whatever the client asks.
+        #[serde(default)]
+        temperature: Option<f32>,
+        /// Every request's sampler seed, whatever the client asks.
+        #[serde(default)]
+        seed: Option<u32>,
+        /// The most tokens any answer gets, whatever the client asks.
+        #[serde(default)]
+        max_tokens: Option<u32>,
     },
     ModelStatus,
     ModelLogs {

@@ -90,7 +90,7 @@ pub enum ModelCmd {
         all: bool,
         models: Vec<String>,
     },
-    /// Set how a model runs: its context size and keep-alive
+    /// Set how a model runs: its context size, keep-alive and sampling
     Configure {
         #[arg(long = "context-size", value_name = "TOKENS")]
         context_size: Option<u32>,
@@ -101,6 +101,16 @@ pub enum ModelCmd {
             allow_hyphen_values = true
         )]
         keep_alive: Option<String>,
+        /// Sample every request at this temperature, whatever its client
+        /// asks (0 to 2; 0: greedy, the same answer every time)
+        #[arg(long, value_name = "T")]
+        temperature: Option<f32>,
+        /// Seed every request's sampler with this, whatever its client asks
+        #[arg(long, value_name = "N")]
+        seed: Option<u32>,
+        /// Cut every answer off at this many tokens, whatever its client asks
+        #[arg(long = "max-tokens", value_name = "N")]
+        max_tokens: Option<u32>,
         model: String,
     },
     /// Show whether the model runner runs, where, and with what settings
@@ -212,8 +222,18 @@ pub fn run(cmd: ModelCmd) -> Result<i32> {
         ModelCmd::Configure {
             context_size,
             keep_alive,
+            temperature,
+            seed,
+            max_tokens,
             model,
-        } => crate::model_run::configure(model, context_size, keep_alive),
+        } => crate::model_run::configure(Request::ModelConfigure {
+            model,
+            context_size,
+            keep_alive,
+            temperature,
+            seed,
+            max_tokens,
+        }),
         ModelCmd::Status { json } => crate::model_run::status(json),
         ModelCmd::Logs { follow, model } => crate::model_run::logs(model, follow),
         ModelCmd::Df => {

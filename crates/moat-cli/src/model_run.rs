@@ -142,20 +142,23 @@ pub fn unload(models: Vec<String>, all: bool) -> Result<i32> {
     Ok(0)
 }
 
-pub fn configure(
-    model: String,
-    context_size: Option<u32>,
-    keep_alive: Option<String>,
-) -> Result<i32> {
-    if context_size.is_none() && keep_alive.is_none() {
-        bail!("give --context-size N and/or --keep-alive DURATION");
+/// `moat model configure`: `request` is a `Request::ModelConfigure`.
+pub fn configure(request: Request) -> Result<i32> {
+    if let Request::ModelConfigure {
+        model,
+        context_size: None,
+        keep_alive: None,
+        temperature: None,
+        seed: None,
+        max_tokens: None,
+    } = &request
+    {
+        bail!("give one or more of --context-size N, --keep-alive DURATION, --temperature T, --seed N, --max-tokens N for {model}");
     }
-    let v: serde_json::Value = call(&Request::ModelConfigure {
-        model: model.clone(),
-        context_size,
-        keep_alive,
-    })?;
-    println!("Configured {model}: {v}");
+    let v: serde_json::Value = call(&request)?;
+    if let Request::ModelConfigure { model, .. } = &request {
+        println!("Configured {model}: {v}");
+    }
     Ok(0)
 }
 

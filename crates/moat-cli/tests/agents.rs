@@ -24,22 +24,37 @@ use registry_support::Registry;
 const SMOLLM2: &str = "ai/smollm2:135M-Q4_1";
 const KEY: &str = "sk-agents-test-5e1f9a3c";
 
-/// A daemon of the test's own, started with `env`, with SmolLM2 packaged
-/// and given the 8k context OpenClaw needs. Stopped and removed when dropped
-/// (each state root holds a gigabyte of unpacked templates).
+/// A daemon of the test's own, started with `env`, with SmolLM2 packaged,
+/// given the 8k context OpenClaw needs, sampled greedily and cut off at 200
+/// tokens: the agents send their own temperatures and limits, and the
+/// model's settings win, so that a turn is the same every run and ends in
+/// seconds even when SmolLM2 rambles (it repeats itself to the end of the
+/// context otherwise). Stopped and removed when dropped (each state root
+/// holds a gigabyte of unpacked templates).
 struct Daemon {
     port: u16,
+    _own: OwnDaemon,
 }
 
 impl Daemon {
     fn start(name: &str, env: &[(&str, String)]) -> Daemon {
-        fresh_isolated_roots(name);
+        let own = fresh_isolated_roots(name);
         let port = free_port();
         let mut env = env.to_vec();
         env.push(("MOAT_MODEL_PORT", port.to_string()));
         package_smollm2(SMOLLM2, &env);
-        moat_ok(&["model", "configure", "--context-size", "8192", SMOLLM2]);
-        Daemon { port }
+        moat_ok(&[
+            "model",
+            "configure",
+            "--context-size",
+            "8192",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "200",
+            SMOLLM2,
+        ]);
+        Daemon { port, _own: own }
     }
 
     /// A counter of the model runner's (llama-server's metric names).
@@ -58,9 +73,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = moat(&["sandbox", "reset", "-f"]);
-        stop_daemon();
+        // Everything stopped first (the guard, dropped after this, then
+        // finds nothing), so that the roots' gigabyte can go.
         let (state, runtime) = roots();
+        stop_everything();
         let _ = std::fs::remove_dir_all(state);
         let _ = std::fs::remove_dir_all(runtime);
     }

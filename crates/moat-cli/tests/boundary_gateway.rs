@@ -38,9 +38,8 @@ class H(http.server.BaseHTTPRequestHandler):
 "#;
 
 /// A daemon of this test's own, started with `env`; stopped when dropped.
-fn own_daemon(test: &str, env: &[(&str, String)]) -> StopDaemon {
-    fresh_isolated_roots(&format!("boundary-gateway-{test}"));
-    let stop = StopDaemon;
+fn own_daemon(test: &str, env: &[(&str, String)]) -> OwnDaemon {
+    let stop = fresh_isolated_roots(&format!("boundary-gateway-{test}"));
     let mut cmd = moat_cmd();
     for (k, v) in env {
         cmd.env(k, v);

@@ -23,19 +23,21 @@ const MODEL: &str = "ai/smollm2:135M-Q4_1";
 /// port of its own with SmolLM2 in its store; stopped when dropped.
 struct Runner {
     port: u16,
-    _stop: StopDaemon,
+    _daemon: OwnDaemon,
 }
 
 impl Runner {
     fn start(test: &str, env: &[(&str, &str)]) -> Runner {
-        fresh_isolated_roots(&format!("boundary-models-{test}"));
-        let stop = StopDaemon;
+        let stop = fresh_isolated_roots(&format!("boundary-models-{test}"));
         let port = free_port();
         let mut all = vec![("MOAT_MODEL_PORT", port.to_string())];
         all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
         package_smollm2(MODEL, &all);
         wait_for_port(port);
-        Runner { port, _stop: stop }
+        Runner {
+            port,
+            _daemon: stop,
+        }
     }
 
     /// `curl` on the host: (status, body).

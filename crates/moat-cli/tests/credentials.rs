@@ -48,11 +48,10 @@ class H(http.server.BaseHTTPRequestHandler):
 
 #[test]
 fn keys_go_in_on_the_way_out_and_never_come_back() {
-    use_isolated_roots("credentials");
+    let _daemon = use_isolated_roots("credentials");
     let up = upstream();
     // The daemon takes its keys and names from the environment it starts with.
     stop_daemon();
-    let _stop = StopDaemon;
     let names = format!(
         "api.anthropic.com=127.0.0.1:{p},api.openai.com=127.0.0.1:{p},github.com=127.0.0.1:{p},other.example=127.0.0.1:{p},x.wild.example=127.0.0.1:{p}",
         p = up.port
@@ -212,7 +211,7 @@ fn keys_go_in_on_the_way_out_and_never_come_back() {
 
 #[test]
 fn a_secret_set_from_stdin_is_used_and_never_shown() {
-    use_isolated_roots("secrets");
+    let _daemon = use_isolated_roots("secrets");
     let out = run_with_stdin(
         moat_cmd().args(["secret", "set", "openai"]),
         b"sk-openai-secret-42\n",

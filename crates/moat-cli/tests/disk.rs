@@ -327,7 +327,7 @@ impl Drop for CleanRoots {
 #[test]
 fn default_limits_apply_show_in_inspect_and_hold() {
     let _serial = serial();
-    fresh_isolated_roots("disk-defaults");
+    let _daemon = fresh_isolated_roots("disk-defaults");
     let _clean = CleanRoots;
     let env: Vec<(&str, &std::ffi::OsStr)> = vec![
         ("MOAT_SANDBOX_MEMORY", "256m".as_ref()),
@@ -529,7 +529,7 @@ fn check_pooled(sb: &Sandbox, pool: &[(PathBuf, u64)]) -> (PathBuf, u64, String)
 #[test]
 fn a_sandbox_given_an_image_made_ahead_is_held_to_its_budget_and_two_at_once_get_two() {
     let _serial = serial();
-    fresh_isolated_roots("disk-pool");
+    let _daemon = fresh_isolated_roots("disk-pool");
     let _clean = CleanRoots;
     start_daemon_with(&pool_env());
     ensure_template();
@@ -616,7 +616,7 @@ fn a_sandbox_given_an_image_made_ahead_is_held_to_its_budget_and_two_at_once_get
 #[test]
 fn a_killed_daemon_leaves_no_image_made_ahead_mounted_and_the_next_fills_its_own() {
     let _serial = serial();
-    fresh_isolated_roots("disk-pool-restart");
+    let _daemon = fresh_isolated_roots("disk-pool-restart");
     let _clean = CleanRoots;
     start_daemon_with(&pool_env());
     let old = pool_full();

@@ -191,9 +191,8 @@ fn no_spelling_of_a_blocked_address_gets_through_the_proxy() {
 
 #[test]
 fn a_slow_client_is_cut_off_and_the_gateway_serves_on() {
-    use_isolated_roots("gateway-slow");
+    let _daemon = use_isolated_roots("gateway-slow");
     stop_daemon();
-    let _stop = StopDaemon;
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), "[gateway]\nheader_timeout = \"2s\"\n").unwrap();
     start_daemon_with(&[("MOAT_CONFIG", config.path().as_os_str())]);

@@ -593,8 +593,7 @@ fn stop_ends_every_process_and_run_starts_it_again_with_its_files() {
 
 #[test]
 fn the_next_daemon_adopts_a_running_gvisor_sandbox() {
-    use_isolated_roots("gvisor-adopt");
-    let _stop = StopDaemon;
+    let _daemon = use_isolated_roots("gvisor-adopt");
     let sb = gvisor("gv-adopt", &[]);
     std::fs::write(sb.ws().join("index.html"), "still served\n").unwrap();
     let port = serve_and_publish(&sb, 3000);
@@ -705,8 +704,7 @@ fn an_unknown_tier_is_refused_in_one_line() {
 
 #[test]
 fn a_missing_runsc_is_reported_in_one_line_and_makes_no_sandbox() {
-    fresh_isolated_roots("gvisor-no-runsc");
-    let _stop = StopDaemon;
+    let _daemon = fresh_isolated_roots("gvisor-no-runsc");
     start_daemon_with(&[("MOAT_SANDBOX_RUNSC", "/nonexistent/runsc".as_ref())]);
     ensure_template();
     let ws = workspace();
@@ -797,8 +795,7 @@ fn fake_runsc(dir: &Path, mode: u32) -> PathBuf {
 /// root, they are unprivileged host ids): the error says so, in one line.
 #[test]
 fn a_runsc_out_of_the_sandbox_ids_reach_is_named_in_one_line() {
-    fresh_isolated_roots("gvisor-unreachable-runsc");
-    let _stop = StopDaemon;
+    let _daemon = fresh_isolated_roots("gvisor-unreachable-runsc");
     let dir = tempfile::Builder::new()
         .prefix("moat-private-runsc-")
         .tempdir_in("/tmp")
@@ -834,8 +831,7 @@ fn a_runsc_out_of_the_sandbox_ids_reach_is_named_in_one_line() {
 /// with its stage: init must run it all the same.
 #[test]
 fn a_runsc_that_fails_shows_its_error_and_leaves_nothing_behind() {
-    fresh_isolated_roots("gvisor-fake-runsc");
-    let _stop = StopDaemon;
+    let _daemon = fresh_isolated_roots("gvisor-fake-runsc");
     let dir = tempfile::Builder::new()
         .prefix("moat-fake-runsc-")
         .tempdir_in("/tmp")

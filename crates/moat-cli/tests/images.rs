@@ -20,7 +20,7 @@ fn blob(state: &Path, digest: &str) -> std::path::PathBuf {
 
 #[test]
 fn a_corrupt_layer_blob_is_reported_and_the_image_can_be_replaced() {
-    use_isolated_roots("corrupt");
+    let _daemon = use_isolated_roots("corrupt");
     ensure_template();
     let (state, _) = roots();
     let index = json_file(&state.join("images/index.json"));
@@ -92,11 +92,10 @@ fn a_corrupt_layer_blob_is_reported_and_the_image_can_be_replaced() {
 
 #[test]
 fn a_template_build_on_a_full_disk_fails_in_one_line_and_leaves_no_image() {
-    use_isolated_roots("fulldisk");
+    let _daemon = use_isolated_roots("fulldisk");
     // The daemon takes MOAT_CACHE_DIR from the command that starts it: start afresh.
     stop_daemon();
     let _ = std::fs::remove_dir_all(roots().0);
-    let _stop = StopDaemon;
     let small = tempfile::tempdir_in("/tmp").unwrap();
     let dir = small.path().to_str().unwrap();
     let mounted = std::process::Command::new("mount")
@@ -150,7 +149,7 @@ impl Drop for Unmount {
 
 #[test]
 fn import_lists_and_removes_an_image() {
-    use_isolated_roots("import");
+    let _daemon = use_isolated_roots("import");
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let root = tmp.path().join("root");
     for d in ["bin", "etc", "home/agent"] {
@@ -213,10 +212,9 @@ fn a_daemon_killed_mid_build_leaves_no_build_sandbox_behind() {
     let cache = tempfile::tempdir_in("/tmp").unwrap();
     std::fs::create_dir(cache.path().join("templates")).unwrap();
     cached_shell_tarball_into(&cache.path().join("templates"));
-    use_isolated_roots("killedbuild");
+    let _daemon = use_isolated_roots("killedbuild");
     stop_daemon();
     let _ = std::fs::remove_dir_all(roots().0);
-    let _stop = StopDaemon;
     start_daemon_with(&[("MOAT_CACHE_DIR", cache.path().as_os_str())]);
     let said = cache.path().join("build.out");
     let mut build = moat_cmd()

@@ -24,15 +24,14 @@ const MODEL: &str = "ai/smollm2:135M-Q4_1";
 /// its store; stopped when dropped.
 struct Runner {
     port: u16,
-    _stop: StopDaemon,
+    _daemon: OwnDaemon,
 }
 
 impl Runner {
     fn start(test: &str) -> Runner {
         // A daemon an earlier run left would keep its old port, and its
         // state its settings: each run starts from nothing.
-        fresh_isolated_roots(&format!("model-apis-{test}"));
-        let stop = StopDaemon;
+        let stop = fresh_isolated_roots(&format!("model-apis-{test}"));
         let gguf = smollm2_gguf();
         let port = free_port();
         // The first command starts the daemon, with this model port.
@@ -48,7 +47,10 @@ impl Runner {
             text(&out.stdout)
         );
         wait_for_port(port);
-        Runner { port, _stop: stop }
+        Runner {
+            port,
+            _daemon: stop,
+        }
     }
 
     fn url(&self) -> String {

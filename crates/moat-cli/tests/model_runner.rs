@@ -22,12 +22,12 @@ fn script(name: &str) -> PathBuf {
 
 /// An isolated daemon whose model runner listens on a port of its own,
 /// with SmolLM2 packaged.
-fn runner(name: &str) -> (u16, StopDaemon) {
-    use_isolated_roots(name);
+fn runner(name: &str) -> (u16, OwnDaemon) {
+    let daemon = use_isolated_roots(name);
     let port = free_port();
     package_smollm2(SMOLLM2, &[("MOAT_MODEL_PORT", port.to_string())]);
     wait_for_port(port);
-    (port, StopDaemon)
+    (port, daemon)
 }
 
 fn openai(port: u16, checks: &[&str]) -> Output {
@@ -244,10 +244,16 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot_at_once() {
         ps[0]["in_flight"], 0,
         "the slot was not freed within 10 s: {ps}"
     );
-    let idle = cpu_over(pid, second);
+    // And the worker stops generating: its CPU falls to nothing within a
+    // few seconds (a step under way finishes first, slowly when the cores
+    // are shared), long before the 4000 tokens asked for would be done.
+    let mut idle = Vec::new();
+    while idle.len() < 10 && idle.last().is_none_or(|&cpu| cpu >= 0.1) {
+        idle.push(cpu_over(pid, second));
+    }
     assert!(
-        idle < 0.1,
-        "the worker still generates for nobody: {idle} CPU s in 1 s (was {busy})"
+        idle.last().is_some_and(|&cpu| cpu < 0.1),
+        "the worker still generates for nobody: CPU s per second since the slot was freed: {idle:?} (was {busy})"
     );
     // The slot serves the next request.
     assert_answers(port);
@@ -283,6 +289,94 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
         pid,
         "the dead worker is still listed"
     );
+}
+
+/// `moat model configure --temperature 0` makes every request of the model
+/// greedy, whatever temperature it asks for, so that a client that sends its
+/// own (as the agents do) gets the same answer every time; `--seed` (here
+/// through DMR's `raw-runtime-flags`) fixes a sampled answer the same way.
+#[test]
+fn a_models_configured_sampling_wins_over_the_clients() {
+    let (port, _guard) = runner("runner-sampling");
+    let ask = |temperature: f64| {
+        let (status, body) = curl(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat_body(
+                SMOLLM2,
+                "Tell me a story about a cat.",
+                serde_json::json!({"temperature": temperature, "max_tokens": 32}),
+            )),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let greedy = ask(0.0);
+    // Unconfigured, the client's temperature holds: 32 tokens sampled hot
+    // four times are not all the same.
+    let hot: Vec<String> = (0..4).map(|_| ask(2.0)).collect();
+    assert!(
+        hot.iter().any(|a| a != &hot[0]),
+        "four answers at temperature 2 were the same: {hot:?}"
+    );
+
+    moat_ok(&["model", "configure", "--temperature", "0", SMOLLM2]);
+    for _ in 0..3 {
+        assert_eq!(ask(2.0), greedy, "configured greedy, the answer changed");
+    }
+    let (status, body) = curl(port, "GET", "/engines/_configure", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""raw-runtime-flags":"--temp 0""#), "{body}");
+
+    let bad = moat(&["model", "configure", "--temperature", "3", SMOLLM2]);
+    assert!(!bad.status.success());
+    assert_eq!(
+        text(&bad.stderr).trim(),
+        "moat: --temperature: temperature 3 is outside 0 to 2 (0: greedy)"
+    );
+
+    let (status, body) = curl(
+        port,
+        "POST",
+        "/engines/_configure",
+        Some(
+            &serde_json::json!({"model": SMOLLM2, "raw-runtime-flags": "--temp 1.5 --seed 7"})
+                .to_string(),
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let seeded = ask(0.0);
+    assert_eq!(ask(0.0), seeded, "a fixed seed, the answer changed");
+
+    // `--max-tokens` cuts every answer off, whatever the client asked for.
+    moat_ok(&["model", "configure", "--max-tokens", "5", SMOLLM2]);
+    for asked in [serde_json::json!(32), serde_json::Value::Null] {
+        let (status, body) = curl(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat_body(
+                SMOLLM2,
+                "Tell me a story about a cat.",
+                serde_json::json!({"max_tokens": asked, "ignore_eos": true}),
+            )),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (
+                v["usage"]["completion_tokens"].as_u64(),
+                v["choices"][0]["finish_reason"].as_str()
+            ),
+            (Some(5), Some("length")),
+            "max_tokens {asked}: {body}"
+        );
+    }
 }
 
 #[test]
@@ -574,11 +668,10 @@ fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
 
 #[test]
 fn a_model_port_in_use_is_reported_by_status() {
-    fresh_isolated_roots("model-port-taken");
+    let _daemon = fresh_isolated_roots("model-port-taken");
     let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let port = taken.local_addr().unwrap().port();
     package_smollm2(SMOLLM2, &[("MOAT_MODEL_PORT", port.to_string())]);
-    let _stop = StopDaemon;
     let v: serde_json::Value =
         serde_json::from_str(&moat_ok(&["model", "status", "--json"])).unwrap();
     assert_eq!(v["running"], false, "{v}");

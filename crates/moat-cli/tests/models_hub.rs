@@ -102,8 +102,7 @@ fn incoming() -> Vec<String> {
 
 #[test]
 fn models_are_pulled_from_a_hugging_face_hub() {
-    fresh_isolated_roots("models-hub");
-    let _stop = StopDaemon;
+    let _daemon = fresh_isolated_roots("models-hub");
     let hub = Hub::start();
     // The first command starts the daemon, which reads the Hub's address
     // and the token from its environment as the Hub's own clients do.

@@ -50,8 +50,7 @@ fn cells(line: &str) -> Vec<String> {
 
 #[test]
 fn a_model_goes_through_a_registry_and_comes_back_the_same() {
-    use_isolated_roots("models-roundtrip");
-    let _stop = StopDaemon;
+    let _daemon = use_isolated_roots("models-roundtrip");
     let gguf = smollm2_gguf();
     let registry = Registry::start(None);
     clear_models();
@@ -244,8 +243,7 @@ fn a_model_goes_through_a_registry_and_comes_back_the_same() {
 
 #[test]
 fn a_pull_cut_off_halfway_resumes_and_names_nothing_until_whole() {
-    use_isolated_roots("models-resume");
-    let _stop = StopDaemon;
+    let _daemon = use_isolated_roots("models-resume");
     let gguf = smollm2_gguf();
     let registry = Registry::start(None);
     clear_models();
@@ -309,8 +307,7 @@ fn a_pull_cut_off_halfway_resumes_and_names_nothing_until_whole() {
 
 #[test]
 fn a_broken_gguf_never_enters_the_store() {
-    use_isolated_roots("models-broken");
-    let _stop = StopDaemon;
+    let _daemon = use_isolated_roots("models-broken");
     let gguf = smollm2_gguf();
     clear_models();
     let dir = tempfile::tempdir().unwrap();

@@ -61,8 +61,7 @@ fn build_deb(dir: &std::path::Path) -> std::path::PathBuf {
 #[test]
 fn a_saved_sandbox_goes_through_a_registry_and_comes_back_the_same() {
     // Its own roots: it removes every local image, the template included.
-    use_isolated_roots("registry-roundtrip");
-    let _stop = StopDaemon;
+    let _daemon = use_isolated_roots("registry-roundtrip");
     let registry = Registry::start(None);
     let saved = format!("{}/me/saved:v1", registry.host());
     ensure_template();

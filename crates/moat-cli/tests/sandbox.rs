@@ -334,7 +334,7 @@ fn retry_get(port: u16) -> String {
 
 #[test]
 fn the_daemon_can_die_and_the_next_one_adopts_running_sandboxes() {
-    use_isolated_roots("adopt");
+    let _daemon = use_isolated_roots("adopt");
     let sb = Sandbox::new("adopt");
     let doomed = Sandbox::new("doomed");
     let pid = sb.init_pid();

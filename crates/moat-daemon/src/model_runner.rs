@@ -163,14 +163,26 @@ impl crate::sandboxes::Daemon {
         Ok(serde_json::json!({"unloaded_runners": n}))
     }
 
+    /// `moat model configure`: `change` holds what to set (its keep-alive
+    /// comes as the text `keep_alive`, read here).
     pub(crate) fn model_configure(
         &self,
         model: &str,
-        context_size: Option<u32>,
         keep_alive: Option<String>,
+        change: ModelSettings,
     ) -> Result<serde_json::Value, DaemonError> {
         let svc = &self.model_service;
         let m = svc.find(model).map_err(api_error)?;
+        if change.max_tokens == Some(0) {
+            return Err(DaemonError::BadRequest(
+                "--max-tokens 0 leaves no room for an answer; give 1 or more".into(),
+            ));
+        }
+        let context_size = change.context_size;
+        if let Some(t) = change.temperature {
+            moat_models::api::check_temperature(t)
+                .map_err(|why| DaemonError::BadRequest(format!("--temperature: {why}")))?;
+        }
         if let Some(c) = context_size {
             if !(256..=1 << 20).contains(&c) {
                 return Err(DaemonError::BadRequest(format!(
@@ -191,8 +203,8 @@ impl crate::sandboxes::Daemon {
             .configure(
                 &m.id,
                 ModelSettings {
-                    context_size,
                     keep_alive,
+                    ..change
                 },
             )
             .map_err(api_error)?;

@@ -21,9 +21,27 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_moat");
 static ISOLATED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Give this test process a daemon and state of its own, for tests that
-/// kill the daemon. (nextest runs every test in its own process.)
-pub fn use_isolated_roots(name: &str) {
+/// kill the daemon or start it with an environment of their own (nextest
+/// runs every test in its own process). The daemon and everything it
+/// started are stopped when the returned guard drops, also when the test
+/// fails: bind it for the whole test (`let _daemon = …`; `let _ = …`
+/// would stop it at once).
+#[must_use = "the test's own daemon is stopped when this guard drops"]
+pub fn use_isolated_roots(name: &str) -> OwnDaemon {
     ISOLATED.set(name.to_string()).expect("set once");
+    OwnDaemon { _private: () }
+}
+
+/// The daemon of this test's isolated roots, stopped with all it started
+/// when dropped (see [`stop_everything`]).
+pub struct OwnDaemon {
+    _private: (),
+}
+
+impl Drop for OwnDaemon {
+    fn drop(&mut self) {
+        stop_everything();
+    }
 }
 
 /// The state and runtime roots of the test daemon.
@@ -439,16 +457,18 @@ pub fn python_in_sandbox(sb: &Sandbox, code: &str, root: bool) -> Output {
 
 /// Isolated roots emptied of what an earlier run left (its daemon, with
 /// its old environment, and its state), so that the next command starts a
-/// daemon from nothing.
-pub fn fresh_isolated_roots(name: &str) {
-    use_isolated_roots(name);
-    stop_daemon();
+/// daemon from nothing; see [`use_isolated_roots`] for the guard.
+#[must_use = "the test's own daemon is stopped when this guard drops"]
+pub fn fresh_isolated_roots(name: &str) -> OwnDaemon {
+    let guard = use_isolated_roots(name);
+    stop_everything();
     let (state, runtime) = roots();
     for dir in [state, runtime] {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }
+    guard
 }
 
 /// `moat model ls --json`, parsed.
@@ -462,20 +482,89 @@ pub fn sha256_digest_of(path: &Path) -> String {
     format!("sha256:{}", &text(&out.stdout)[..64])
 }
 
+/// The pid of the roots' daemon, while it runs.
+pub fn daemon_pid() -> Option<i32> {
+    let (_, runtime) = roots();
+    let pid = std::fs::read_to_string(runtime.join("moat.lock"))
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
+    is_running(pid).then_some(pid)
+}
+
+/// Whether `pid` is a process that has not ended (a zombie has).
+pub fn is_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
+}
+
+/// SIGKILL `pid` and wait (up to 10 s) until it has ended.
+pub fn kill_and_wait(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for _ in 0..500 {
+        if !is_running(pid) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("pid {pid} still runs 10 s after SIGKILL");
+}
+
 /// Stop this test's daemon (of isolated roots), e.g. so that the next one
-/// starts with a different environment.
+/// starts with a different environment. Its sandboxes keep running, as
+/// they do when a daemon dies.
 pub fn stop_daemon() {
     let (_, runtime) = roots();
     let _ = std::fs::remove_file(runtime.join("moat.sock"));
-    if let Ok(pid) = std::fs::read_to_string(runtime.join("moat.lock")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
+    if let Some(pid) = daemon_pid() {
+        kill_and_wait(pid);
+    }
+}
+
+/// Stop everything this test's roots run: their sandboxes (removed through
+/// the daemon, so that their mounts, disks and cgroups go too), the daemon,
+/// and any process it started that outlived it (a model worker, an
+/// unpacker: each carries the daemon's `MOAT_HOME`), by pid.
+pub fn stop_everything() {
+    let (state, _) = roots();
+    if daemon_pid().is_some() {
+        let out = moat(&["sandbox", "reset", "-f"]);
+        if !out.status.success() {
+            eprintln!(
+                "stopping the test's daemon: `sandbox reset -f` failed: {}",
+                text(&out.stderr)
             );
-            std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
+    stop_daemon();
+    for pid in pids_with_env("MOAT_HOME", state.as_os_str()) {
+        kill_and_wait(pid);
+    }
+}
+
+/// Every process whose environment sets `key` to `value`.
+pub fn pids_with_env(key: &str, value: &std::ffi::OsStr) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut want = key.as_bytes().to_vec();
+    want.push(b'=');
+    want.extend_from_slice(value.as_bytes());
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|&pid| pid != me && is_running(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_slice()))
+        })
+        .collect()
 }
 
 /// Starts this test's daemon (of isolated roots) with `env`, which a daemon
@@ -511,15 +600,6 @@ pub fn cached_shell_tarball_into(dir: &Path) -> PathBuf {
         std::fs::copy(&tar, &target).unwrap();
     }
     target
-}
-
-/// Stops the test's daemon when dropped.
-pub struct StopDaemon;
-
-impl Drop for StopDaemon {
-    fn drop(&mut self) {
-        stop_daemon();
-    }
 }
 
 /// A child process killed when dropped.

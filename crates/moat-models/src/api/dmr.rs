@@ -444,14 +444,7 @@ struct ConfigureRequest {
 
 /// The settings a configure request asks for, checked.
 fn settings_change(r: &ConfigureRequest) -> Result<ModelSettings, ApiError> {
-    if r.raw_runtime_flags
-        .as_deref()
-        .is_some_and(|f| !f.trim().is_empty())
-    {
-        return Err(ApiError::bad_request(
-            "invalid field `raw-runtime-flags`: moat sets llama.cpp's flags itself; configure `context-size` and `keep_alive`",
-        ));
-    }
+    let flags = runtime_flags(r.raw_runtime_flags.as_deref().unwrap_or_default())?;
     if r.speculative.as_ref().is_some_and(|s| !s.is_null()) {
         return Err(ApiError::bad_request(
             "invalid field `speculative`: speculative decoding is not supported",
@@ -484,7 +477,54 @@ fn settings_change(r: &ConfigureRequest) -> Result<ModelSettings, ApiError> {
     Ok(ModelSettings {
         context_size,
         keep_alive,
+        ..flags
     })
+}
+
+/// The llama.cpp flags of `raw-runtime-flags` that moat takes, as Docker
+/// Model Runner passes them through to llama-server: `--temp T`, `--seed N`
+/// and `--n-predict N` (`-n N`). moat sets the others itself.
+fn runtime_flags(flags: &str) -> Result<ModelSettings, ApiError> {
+    let bad =
+        |why: String| ApiError::bad_request(format!("invalid field `raw-runtime-flags`: {why}"));
+    let mut settings = ModelSettings::default();
+    let mut words = flags.split_whitespace();
+    while let Some(word) = words.next() {
+        let (flag, inline) = match word.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (word, None),
+        };
+        if !matches!(flag, "--temp" | "--seed" | "--n-predict" | "-n") {
+            return Err(bad(format!(
+                "{flag}: moat sets llama.cpp's flags itself and takes only --temp, --seed and --n-predict; configure `context-size` and `keep_alive` as fields"
+            )));
+        }
+        let value = inline
+            .or_else(|| words.next())
+            .ok_or_else(|| bad(format!("{flag} needs a value")))?;
+        match flag {
+            "--temp" => {
+                let t = value
+                    .parse::<f32>()
+                    .map_err(|_| bad(format!("--temp {value:?} is not a number")))?;
+                settings.temperature = Some(super::check_temperature(t).map_err(bad)?);
+            }
+            "--seed" => {
+                settings.seed = Some(value.parse::<u32>().map_err(|_| {
+                    bad(format!(
+                        "--seed {value:?} is not a number from 0 to 4294967295"
+                    ))
+                })?);
+            }
+            _ => {
+                let n = value.parse::<u32>().ok().filter(|&n| n > 0);
+                settings.max_tokens = Some(n.ok_or_else(|| {
+                    bad(format!("{flag} {value:?} is not a number of tokens from 1"))
+                })?);
+            }
+        }
+    }
+    Ok(settings)
 }
 
 /// Settings as `GET /engines/_configure` shows them.
@@ -495,6 +535,19 @@ fn settings_json(model: &str, id: &str, s: &ModelSettings) -> Value {
     }
     if let Some(secs) = s.keep_alive {
         v["keep_alive"] = json!(go_duration(super::keep_alive_from_secs(secs)));
+    }
+    let mut flags = Vec::new();
+    if let Some(t) = s.temperature {
+        flags.push(format!("--temp {t}"));
+    }
+    if let Some(n) = s.seed {
+        flags.push(format!("--seed {n}"));
+    }
+    if let Some(n) = s.max_tokens {
+        flags.push(format!("--n-predict {n}"));
+    }
+    if !flags.is_empty() {
+        v["raw-runtime-flags"] = json!(flags.join(" "));
     }
     v
 }
@@ -746,15 +799,16 @@ mod tests {
             settings_change(&r).unwrap(),
             ModelSettings {
                 context_size: Some(8192),
-                keep_alive: Some(600)
+                keep_alive: Some(600),
+                ..ModelSettings::default()
             }
         );
         let r = configure_request(json!({"model": "ai/a", "keep_alive": -1}));
         assert_eq!(
             settings_change(&r).unwrap(),
             ModelSettings {
-                context_size: None,
-                keep_alive: Some(-1)
+                keep_alive: Some(-1),
+                ..ModelSettings::default()
             }
         );
         let r = configure_request(json!({"model": "ai/a", "context-size": 100}));
@@ -768,16 +822,41 @@ mod tests {
         assert_eq!(settings_change(&r).unwrap_err().status, 400);
         let r = configure_request(json!({"model": "ai/a", "raw-runtime-flags": "--foo"}));
         assert_eq!(settings_change(&r).unwrap_err().status, 400);
+        let r = configure_request(
+            json!({"model": "ai/a", "raw-runtime-flags": "--temp 0 --seed=42 -n 64"}),
+        );
+        assert_eq!(
+            settings_change(&r).unwrap(),
+            ModelSettings {
+                temperature: Some(0.0),
+                seed: Some(42),
+                max_tokens: Some(64),
+                ..ModelSettings::default()
+            }
+        );
+        for (flags, why) in [
+            ("--temp 3", "invalid field `raw-runtime-flags`: temperature 3 is outside 0 to 2 (0: greedy)"),
+            ("--temp", "invalid field `raw-runtime-flags`: --temp needs a value"),
+            ("--seed -1", "invalid field `raw-runtime-flags`: --seed \"-1\" is not a number from 0 to 4294967295"),
+            ("--n-predict 0", "invalid field `raw-runtime-flags`: --n-predict \"0\" is not a number of tokens from 1"),
+            ("--ctx-size 8", "invalid field `raw-runtime-flags`: --ctx-size: moat sets llama.cpp's flags itself and takes only --temp, --seed and --n-predict; configure `context-size` and `keep_alive` as fields"),
+        ] {
+            let r = configure_request(json!({"model": "ai/a", "raw-runtime-flags": flags}));
+            assert_eq!(settings_change(&r).unwrap_err(), ApiError::bad_request(why), "{flags}");
+        }
         assert_eq!(
             settings_json(
                 "ai/a:latest",
                 "sha256:ab",
                 &ModelSettings {
                     context_size: Some(8192),
-                    keep_alive: Some(300)
+                    keep_alive: Some(300),
+                    temperature: Some(0.5),
+                    seed: Some(7),
+                    max_tokens: Some(99),
                 }
             ),
-            json!({"model": "ai/a:latest", "id": "sha256:ab", "context-size": 8192, "keep_alive": "5m0s"})
+            json!({"model": "ai/a:latest", "id": "sha256:ab", "context-size": 8192, "keep_alive": "5m0s", "raw-runtime-flags": "--temp 0.5 --seed 7 --n-predict 99"})
         );
     }
 

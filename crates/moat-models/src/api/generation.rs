@@ -233,13 +233,17 @@ impl ModelService {
         tools: Option<ToolFormat>,
         input: &ChatInput,
     ) -> Result<Generation, ApiError> {
+        // The model's own settings (`moat model configure --temperature`,
+        // `--max-tokens`) win over the client's.
+        let settings = self.settings_of(&worker.model.id);
+        let sampling = settings.sampling(&input.sampling);
         let mut request = worker
             .generate(Generate {
                 id: 0,
                 prompt,
-                max_tokens: input.max_tokens,
+                max_tokens: settings.max_tokens(input.max_tokens),
                 stop: input.stop.clone(),
-                sampling: input.sampling.clone(),
+                sampling,
                 grammar,
                 ignore_eos: input.ignore_eos,
                 special: tools.is_some(),

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTemplate;
-use crate::engine::{EngineError, Loaded, ModelToLoad, Runner, Worker};
+use crate::engine::{EngineError, Loaded, ModelToLoad, Runner, Sampling, Worker};
 use crate::store::{Model, ModelStore, StoreError};
 use http::{ApiError, Body, Dialect};
 
@@ -59,6 +59,48 @@ pub struct ModelSettings {
     /// Seconds; negative: forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<i64>,
+    /// The temperature every request is sampled at, in place of the one
+    /// the client asks for: for agents whose clients send their own (0 is
+    /// greedy: the same prompt gets the same answer every time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// The seed of every request's sampler, in place of the client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    /// The most tokens any answer gets, whatever the client asks for (or
+    /// when it asks for no limit): a cap on a model that rambles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+}
+
+impl ModelSettings {
+    /// The sampling a request gets: what it `asked` for, with what these
+    /// settings fix in its place.
+    pub fn sampling(&self, asked: &Sampling) -> Sampling {
+        Sampling {
+            temperature: self.temperature.unwrap_or(asked.temperature),
+            seed: self.seed.or(asked.seed),
+            ..asked.clone()
+        }
+    }
+
+    /// The answer's limit: what the request `asked` for, within the cap.
+    pub fn max_tokens(&self, asked: Option<u32>) -> Option<u32> {
+        match (asked, self.max_tokens) {
+            (Some(a), Some(cap)) => Some(a.min(cap)),
+            (a, cap) => a.or(cap),
+        }
+    }
+}
+
+/// The temperatures `configure` takes: OpenAI's range, which every API
+/// here accepts.
+pub fn check_temperature(t: f32) -> Result<f32, String> {
+    if (0.0..=2.0).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!("temperature {t} is outside 0 to 2 (0: greedy)"))
+    }
 }
 
 pub struct ModelService {
@@ -281,6 +323,15 @@ impl ModelService {
         if change.keep_alive.is_some() {
             entry.keep_alive = change.keep_alive;
         }
+        if change.temperature.is_some() {
+            entry.temperature = change.temperature;
+        }
+        if change.seed.is_some() {
+            entry.seed = change.seed;
+        }
+        if change.max_tokens.is_some() {
+            entry.max_tokens = change.max_tokens;
+        }
         let now = entry.clone();
         let bytes = serde_json::to_vec_pretty(&*all).unwrap_or_default();
         let tmp = self.settings_path.with_extension("tmp");
@@ -406,5 +457,43 @@ mod tests {
             Some(Duration::from_secs(90))
         );
         assert!(parse_keep_alive("soon").is_err());
+    }
+
+    #[test]
+    fn a_models_sampling_settings_win_over_the_clients() {
+        let asked = Sampling {
+            temperature: 1.0,
+            top_k: 7,
+            seed: Some(3),
+            ..Sampling::default()
+        };
+        assert_eq!(ModelSettings::default().sampling(&asked), asked);
+        let fixed = ModelSettings {
+            temperature: Some(0.0),
+            seed: Some(42),
+            ..ModelSettings::default()
+        };
+        assert_eq!(
+            fixed.sampling(&asked),
+            Sampling {
+                temperature: 0.0,
+                seed: Some(42),
+                ..asked.clone()
+            }
+        );
+        assert_eq!(fixed.max_tokens(Some(9)), Some(9));
+        let capped = ModelSettings {
+            max_tokens: Some(100),
+            ..ModelSettings::default()
+        };
+        assert_eq!(
+            [None, Some(50), Some(500)].map(|asked| capped.max_tokens(asked)),
+            [Some(100), Some(50), Some(100)]
+        );
+        assert_eq!(check_temperature(2.0), Ok(2.0));
+        assert_eq!(
+            check_temperature(-0.1),
+            Err("temperature -0.1 is outside 0 to 2 (0: greedy)".to_string())
+        );
     }
 }
