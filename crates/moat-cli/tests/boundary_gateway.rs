@@ -250,7 +250,7 @@ fn the_host_model_runner_through_the_gateway_answers_in_the_sandbox_scope() {
     // The gateway logged the requests it carried, as to the host's port
     // (rows are written in batches once each response ends: wait for them).
     let mut carried = 0;
-    for _ in 0..100 {
+    for _ in 0..600 {
         let log: Vec<serde_json::Value> =
             serde_json::from_str(&moat_ok(&["sandbox", "network", "log", &sb.name, "--json"]))
                 .unwrap();

@@ -79,7 +79,7 @@ fn the_policy_decides_applies_at_once_and_every_request_is_logged() {
     // when a response ends, by a thread that batches them: wait for all four,
     // and compare them in a fixed order.
     let mut rows: Vec<serde_json::Value> = vec![];
-    for _ in 0..100 {
+    for _ in 0..600 {
         rows = serde_json::from_str(&moat_ok(&["sandbox", "network", "log", &sb.name, "--json"]))
             .unwrap();
         if rows.len() >= 4 {

@@ -316,7 +316,7 @@ fn published_ports_reach_a_server_inside() {
 
 fn retry_get(port: u16) -> String {
     use std::io::{Read, Write};
-    for _ in 0..50 {
+    for _ in 0..300 {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n");
             let mut resp = String::new();

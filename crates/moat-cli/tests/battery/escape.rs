@@ -731,7 +731,7 @@ fn host_processes_cannot_be_seen_signalled_or_traced() {
             .unwrap(),
     );
     let host_pid = host_proc.0.id() as i32;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read(format!("/proc/{host_pid}/cmdline"))
         .unwrap_or_default()
         .starts_with(marker.as_bytes())
@@ -2129,7 +2129,7 @@ print("forked")
         "setsid sleep 1003 >/dev/null 2>&1 </dev/null &",
     );
     assert_eq!(code, Some(0), "{err}");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let pids = loop {
         if gvisor() {
             // gVisor's processes are not the host's: they are seen inside,

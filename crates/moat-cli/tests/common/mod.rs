@@ -634,15 +634,16 @@ pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Wait (up to 5 s) until something listens on the host's 127.0.0.1:`port`.
+/// Wait (up to 30 s, for a loaded machine) until something listens on the
+/// host's 127.0.0.1:`port`.
 pub fn wait_for_port(port: u16) {
-    for _ in 0..100 {
+    for _ in 0..600 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    panic!("nothing listens on port {port}");
+    panic!("nothing listens on 127.0.0.1:{port} after 30 s");
 }
 
 /// A file the setup scripts cache under `${XDG_CACHE_HOME:-~/.cache}/moat`:
