@@ -224,6 +224,23 @@ def stop_leftovers(report=True):
     return leaks
 
 
+def unmount_below(root):
+    """Detach the mounts below `root` that the daemons stopped here left: a
+    daemon killed while its disk pool makes an image leaves that image's
+    mount, which its next daemon would undo (see disk/pool.rs); these
+    daemons have no next one. Not a leak of CMD's: this process killed them."""
+    root = os.path.realpath(root)
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split(" ")[4].replace("\\040", " ")
+            if point.startswith(root + "/"):
+                points.append(point)
+    for point in sorted(points, key=lambda p: -p.count("/")):
+        print(f"leftovers: unmounting {point} (left by a stopped daemon)", file=sys.stderr)
+        subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL)
+
+
 # Set in CMD's environment, so that a script that watches itself runs once.
 WATCHED = "MOAT_LEFTOVERS_WATCHED"
 
@@ -256,6 +273,7 @@ def main(argv):
             status = os.waitstatus_to_exitcode(raw)
     status = status if status >= 0 else 128 - status
     leaks = stop_leftovers()
+    unmount_below(os.getcwd())
     # The last of them may have died just now: reap them here, since nothing
     # above us may (a container's pid 1 often does not).
     for _ in range(20):

@@ -529,8 +529,9 @@ pub fn stop_daemon() {
 
 /// Stop everything this test's roots run: their sandboxes (removed through
 /// the daemon, so that their mounts, disks and cgroups go too), the daemon,
-/// and any process it started that outlived it (a model worker, an
-/// unpacker: each carries the daemon's `MOAT_HOME`), by pid.
+/// any process it started that outlived it (a model worker, an unpacker:
+/// each carries the daemon's `MOAT_HOME`), by pid, and the mounts left
+/// under the state root (see [`unmount_below`]).
 pub fn stop_everything() {
     let (state, _) = roots();
     if daemon_pid().is_some() {
@@ -545,6 +546,31 @@ pub fn stop_everything() {
     stop_daemon();
     for pid in pids_with_env("MOAT_HOME", state.as_os_str()) {
         kill_and_wait(pid);
+    }
+    unmount_below(&state);
+}
+
+/// Detach every mount below `root`. A daemon killed while its disk pool
+/// makes an image (the image's own mount, for the moment between mount(8)
+/// and taking it off as a detached mount; see `disk/pool.rs`) leaves that
+/// mount, which its next daemon would undo as it starts: the tests kill
+/// daemons that have no next one, so they undo it themselves.
+pub fn unmount_below(root: &Path) {
+    let Ok(root) = std::fs::canonicalize(root) else {
+        return;
+    };
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&root))
+        .collect();
+    // The deepest first.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        eprintln!("unmounting {} (left by a killed daemon)", p.display());
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
