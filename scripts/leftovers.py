@@ -173,7 +173,7 @@ def stop_daemon(pid, exe, env, ids, report):
     try:
         listed = moat_as(exe, env, ids, ["sandbox", "ls", "--json"])
         sandboxes = json.loads(listed.stdout or "[]") if listed.returncode == 0 else []
-    except (subprocess.TimeoutExpired, ValueError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         sandboxes = []
     names = [s.get("name") or s.get("Name") or str(s) for s in sandboxes]
     if names and report:
@@ -181,28 +181,33 @@ def stop_daemon(pid, exe, env, ids, report):
     if names:
         try:
             moat_as(exe, env, ids, ["sandbox", "reset", "-f"], timeout=300)
-        except subprocess.TimeoutExpired:
-            print(f"leftovers: `moat sandbox reset -f` on {where} took over 300 s", file=sys.stderr)
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"leftovers: `moat sandbox reset -f` on {where} failed: {e}", file=sys.stderr)
     try:
         os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return []
-    if wait_gone([pid], 10):
-        os.kill(pid, signal.SIGKILL)
-        wait_gone([pid], 5)
+        if wait_gone([pid], 10):
+            os.kill(pid, signal.SIGKILL)
+            wait_gone([pid], 5)
+    except OSError:
+        pass
     return names
 
 
-def stop_leftovers(report=True):
+def stop_leftovers(report=True, homes=None):
     """Stop what is still running below us; returns the leaks, as lines.
     Daemons are looked for until the end, since one may start late (a
-    command that was still starting it when CMD ended)."""
+    command that was still starting it when CMD ended); the grace starts
+    again after each one stopped. The state roots of the daemons stopped
+    are added to `homes`."""
     leaks = []
     deadline = time.monotonic() + GRACE
     while True:
         for pid, exe, env, ids in moat_daemons():
             for name in stop_daemon(pid, exe, env, ids, report):
                 leaks.append(f"  sandbox {name} of the daemon of {env['MOAT_HOME']}")
+            if homes is not None:
+                homes.add(env["MOAT_HOME"])
+            deadline = time.monotonic() + GRACE
         reap()
         survivors = descendants()
         if not survivors:
@@ -218,17 +223,18 @@ def stop_leftovers(report=True):
     for p in survivors:
         try:
             os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
+        except OSError:
             pass
     wait_gone(survivors, 10)
     return leaks
 
 
 def unmount_below(root):
-    """Detach the mounts below `root` that the daemons stopped here left: a
-    daemon killed while its disk pool makes an image leaves that image's
-    mount, which its next daemon would undo (see disk/pool.rs); these
-    daemons have no next one. Not a leak of CMD's: this process killed them."""
+    """Detach the mounts below `root`, the state root of a daemon stopped
+    here: a daemon killed while its disk pool makes an image leaves that
+    image's mount, which its next daemon would undo (see disk/pool.rs);
+    these daemons have no next one. Not a leak of CMD's: this process
+    killed them."""
     root = os.path.realpath(root)
     points = []
     with open("/proc/self/mountinfo") as f:
@@ -271,9 +277,14 @@ def main(argv):
         pid, raw = os.wait()
         if pid == child.pid:
             status = os.waitstatus_to_exitcode(raw)
+    # Reaped here, so Popen must not wait for (or signal) its pid again.
+    child.returncode = status
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     status = status if status >= 0 else 128 - status
-    leaks = stop_leftovers()
-    unmount_below(os.getcwd())
+    homes = set()
+    leaks = stop_leftovers(homes=homes)
+    for home in sorted(homes):
+        unmount_below(home)
     # The last of them may have died just now: reap them here, since nothing
     # above us may (a container's pid 1 often does not).
     for _ in range(20):

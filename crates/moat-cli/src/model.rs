@@ -103,10 +103,10 @@ pub enum ModelCmd {
         keep_alive: Option<String>,
         /// Sample every request at this temperature, whatever its client
         /// asks (0 to 2; 0: greedy, the same answer every time)
-        #[arg(long, value_name = "T")]
+        #[arg(long, value_name = "T", allow_negative_numbers = true)]
         temperature: Option<f32>,
         /// Seed every request's sampler with this, whatever its client asks
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
         seed: Option<u32>,
         /// Cut every answer off at this many tokens, whatever its client asks
         #[arg(long = "max-tokens", value_name = "N")]

@@ -94,7 +94,7 @@ fn a_corrupt_layer_blob_is_reported_and_the_image_can_be_replaced() {
 fn a_template_build_on_a_full_disk_fails_in_one_line_and_leaves_no_image() {
     let _daemon = use_isolated_roots("fulldisk");
     // The daemon takes MOAT_CACHE_DIR from the command that starts it: start afresh.
-    stop_daemon();
+    stop_everything();
     let _ = std::fs::remove_dir_all(roots().0);
     let small = tempfile::tempdir_in("/tmp").unwrap();
     let dir = small.path().to_str().unwrap();
@@ -213,7 +213,7 @@ fn a_daemon_killed_mid_build_leaves_no_build_sandbox_behind() {
     std::fs::create_dir(cache.path().join("templates")).unwrap();
     cached_shell_tarball_into(&cache.path().join("templates"));
     let _daemon = use_isolated_roots("killedbuild");
-    stop_daemon();
+    stop_everything();
     let _ = std::fs::remove_dir_all(roots().0);
     start_daemon_with(&[("MOAT_CACHE_DIR", cache.path().as_os_str())]);
     let said = cache.path().join("build.out");
