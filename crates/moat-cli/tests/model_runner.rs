@@ -298,20 +298,20 @@ fn eight_streams_at_once_and_a_worker_killed_mid_request() {
 #[test]
 fn a_models_configured_sampling_wins_over_the_clients() {
     let (port, _guard) = runner("runner-sampling");
-    let ask = |temperature: f64| {
+    // A story asked for with `extra` settings: the whole answer, parsed.
+    let story = |extra: serde_json::Value| {
         let (status, body) = curl(
             port,
             "POST",
             "/v1/chat/completions",
-            Some(&chat_body(
-                SMOLLM2,
-                "Tell me a story about a cat.",
-                serde_json::json!({"temperature": temperature, "max_tokens": 32}),
-            )),
+            Some(&chat_body(SMOLLM2, "Tell me a story about a cat.", extra)),
         );
         assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["choices"][0]["message"]["content"]
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let ask = |temperature: f64| {
+        story(serde_json::json!({"temperature": temperature, "max_tokens": 32}))["choices"][0]
+            ["message"]["content"]
             .as_str()
             .unwrap()
             .to_string()
@@ -356,25 +356,14 @@ fn a_models_configured_sampling_wins_over_the_clients() {
     // `--max-tokens` cuts every answer off, whatever the client asked for.
     moat_ok(&["model", "configure", "--max-tokens", "5", SMOLLM2]);
     for asked in [serde_json::json!(32), serde_json::Value::Null] {
-        let (status, body) = curl(
-            port,
-            "POST",
-            "/v1/chat/completions",
-            Some(&chat_body(
-                SMOLLM2,
-                "Tell me a story about a cat.",
-                serde_json::json!({"max_tokens": asked, "ignore_eos": true}),
-            )),
-        );
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let v = story(serde_json::json!({"max_tokens": asked, "ignore_eos": true}));
         assert_eq!(
             (
                 v["usage"]["completion_tokens"].as_u64(),
                 v["choices"][0]["finish_reason"].as_str()
             ),
             (Some(5), Some("length")),
-            "max_tokens {asked}: {body}"
+            "max_tokens {asked}: {v}"
         );
     }
 }
