@@ -119,6 +119,10 @@ pub enum Request {
         reference: String,
     },
     ModelDf,
+    /// Clear the prompt cache of one model, or of all.
+    ModelCacheRm {
+        model: Option<String>,
+    },
     /// One turn of a chat (`moat model run`), answered with `Text` replies;
     /// no messages only loads the model.
     ModelChat(ModelChatRequest),
@@ -228,6 +232,9 @@ pub struct ModelRemoved {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ModelDiskUsage {
     pub models_disk_usage: u64,
+    /// The prompt cache: saved KV state of prompts, all models together.
+    #[serde(default)]
+    pub prompt_cache_disk_usage: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -15,6 +15,12 @@ use crate::client::{call, call_with_fds};
 use crate::output::{human_size, table};
 
 #[derive(Subcommand)]
+pub enum CacheCmd {
+    /// Remove the saved prompts of MODEL, or of every model
+    Rm { model: Option<String> },
+}
+
+#[derive(Subcommand)]
 pub enum ModelCmd {
     /// Package GGUF files (one, or every shard of a split model) as a model
     Package {
@@ -68,8 +74,13 @@ pub enum ModelCmd {
     Push { reference: String },
     /// Pull a model from the registry its name starts with (Docker Hub when none)
     Pull { reference: String },
-    /// Show the disk space models take
+    /// Show the disk space models and the prompt cache take
     Df,
+    /// The prompt cache: prompts' KV state saved when a model unloads
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
     /// Run a model: answer PROMPT, or chat interactively without one
     Run {
         /// Only load the model and return (it stays loaded for its keep-alive)
@@ -240,8 +251,27 @@ pub fn run(cmd: ModelCmd) -> Result<i32> {
             let usage: ModelDiskUsage = call(&Request::ModelDf)?;
             table(
                 &["TYPE", "SIZE"],
-                &[vec!["Models".into(), human_size(usage.models_disk_usage)]],
+                &[
+                    vec!["Models".into(), human_size(usage.models_disk_usage)],
+                    vec![
+                        "Prompt cache".into(),
+                        human_size(usage.prompt_cache_disk_usage),
+                    ],
+                ],
             );
+            Ok(0)
+        }
+        ModelCmd::Cache {
+            cmd: CacheCmd::Rm { model },
+        } => {
+            let v: serde_json::Value = call(&Request::ModelCacheRm {
+                model: model.clone(),
+            })?;
+            let freed = v["freed"].as_u64().unwrap_or(0);
+            match model {
+                Some(m) => println!("Removed the prompt cache of {m} ({})", human_size(freed)),
+                None => println!("Removed the prompt cache ({})", human_size(freed)),
+            }
             Ok(0)
         }
     }

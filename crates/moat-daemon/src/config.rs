@@ -178,6 +178,8 @@ pub struct ModelsConfig {
     pub keep_alive: String,
     /// Memory all loaded models may take together, e.g. "12g"; empty: three quarters of RAM.
     pub memory_budget: String,
+    /// Disk the prompt cache may take, all models together ("4g"); "0": no prompt cache.
+    pub prompt_cache_size: String,
     /// How long a client may take to send a request's head, and then its body ("30s").
     pub header_timeout: String,
     /// How long a connection with nothing in flight may stay silent ("60s").
@@ -253,6 +255,7 @@ impl Default for ModelsConfig {
             context_size: 4096,
             keep_alive: "5m".into(),
             memory_budget: String::new(),
+            prompt_cache_size: "4g".into(),
             header_timeout: "30s".into(),
             idle_timeout: "60s".into(),
             max_connections: 64,

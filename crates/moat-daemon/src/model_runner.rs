@@ -42,6 +42,9 @@ pub(crate) fn start(
         rc.memory_budget = parse_size(&c.memory_budget)
             .map_err(|e| DaemonError::Config(format!("models.memory_budget: {e}")))?;
     }
+    let cache_size = parse_size(&c.prompt_cache_size)
+        .map_err(|e| DaemonError::Config(format!("models.prompt_cache_size: {e}")))?;
+    rc.prompt_cache = (cache_size > 0).then(|| (prompt_cache_root(paths), cache_size));
     let limits = c.limits()?;
     let runner = Runner::new(rc);
     ModelService::with_limits(
@@ -51,6 +54,11 @@ pub(crate) fn start(
         limits,
     )
     .map_err(|e| DaemonError::io("start the model runner", e))
+}
+
+/// Where the model workers keep their prompt caches: a folder per model.
+pub(crate) fn prompt_cache_root(paths: &Paths) -> std::path::PathBuf {
+    paths.state.join("prompt-cache")
 }
 
 impl crate::sandboxes::Daemon {
@@ -251,6 +259,6 @@ impl crate::sandboxes::Daemon {
     }
 }
 
-fn api_error(e: moat_models::api::http::ApiError) -> DaemonError {
+pub(crate) fn api_error(e: moat_models::api::http::ApiError) -> DaemonError {
     DaemonError::BadRequest(e.message)
 }

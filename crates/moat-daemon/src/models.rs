@@ -105,6 +105,30 @@ impl Daemon {
     pub fn model_df(&self) -> Result<ModelDiskUsage, DaemonError> {
         Ok(ModelDiskUsage {
             models_disk_usage: self.models.disk_usage()?,
+            prompt_cache_disk_usage: moat_models::engine::prompt_cache::disk_usage(
+                &crate::model_runner::prompt_cache_root(&self.paths),
+            ),
         })
+    }
+
+    /// `moat model cache rm [MODEL]`: the saved prompts of one model (of
+    /// every one without a name) are removed; a loaded model keeps what
+    /// it holds in memory.
+    pub fn model_cache_rm(&self, model: Option<&str>) -> Result<serde_json::Value, DaemonError> {
+        let id = match model {
+            Some(m) => Some(
+                self.model_service
+                    .find(m)
+                    .map_err(crate::model_runner::api_error)?
+                    .id,
+            ),
+            None => None,
+        };
+        let root = crate::model_runner::prompt_cache_root(&self.paths);
+        let freed =
+            moat_models::engine::prompt_cache::remove(&root, id.as_deref()).map_err(|e| {
+                DaemonError::io(format!("clear the prompt cache in {}", root.display()), e)
+            })?;
+        Ok(serde_json::json!({ "freed": freed }))
     }
 }

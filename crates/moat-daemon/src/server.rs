@@ -205,6 +205,7 @@ fn dispatch(
         Request::ModelPush { reference } => to_value(daemon.model_push(&reference, r)?),
         Request::ModelPull { reference } => to_value(daemon.model_pull(&reference, r)?),
         Request::ModelDf => to_value(daemon.model_df()?),
+        Request::ModelCacheRm { model } => Ok(Some(daemon.model_cache_rm(model.as_deref())?)),
         Request::ModelChat(c) => Ok(Some(daemon.model_chat(c, r)?)),
         Request::ModelPs => Ok(Some(daemon.model_ps()?)),
         Request::ModelUnload { models, all } => Ok(Some(daemon.model_unload(&models, all)?)),

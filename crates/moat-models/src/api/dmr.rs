@@ -355,15 +355,22 @@ fn ps_entry(m: &LoadedModel) -> Value {
 /// worker binary, so its size is the backend's).
 async fn df(svc: &Arc<ModelService>) -> Result<Response<Body>, ApiError> {
     let svc2 = svc.clone();
-    let (models, backend) = blocking(move || {
+    let (models, backend, cache) = blocking(move || {
         let models = svc2.store.disk_usage().map_err(store_status)?;
-        let backend = std::fs::metadata(&svc2.runner.config().worker_exe).map_or(0, |m| m.len());
-        Ok((models, backend))
+        let config = svc2.runner.config();
+        let backend = std::fs::metadata(&config.worker_exe).map_or(0, |m| m.len());
+        let cache = config
+            .prompt_cache
+            .as_ref()
+            .map_or(0, |(root, _)| crate::engine::prompt_cache::disk_usage(root));
+        Ok((models, backend, cache))
     })
     .await?;
-    Ok(http::ok_json(
-        &json!({"models_disk_usage": models, "default_backend_disk_usage": backend}),
-    ))
+    Ok(http::ok_json(&json!({
+        "models_disk_usage": models,
+        "default_backend_disk_usage": backend,
+        "prompt_cache_disk_usage": cache,
+    })))
 }
 
 #[derive(Debug, Default, Deserialize)]

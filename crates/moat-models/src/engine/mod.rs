@@ -5,6 +5,7 @@
 //! client may see; [`tokens`] turns prompts into tokens in linear time.
 
 mod cores;
+pub mod prompt_cache;
 pub mod protocol;
 pub mod supervisor;
 mod text;

@@ -17,7 +17,8 @@ pub struct LoadSpec {
     /// The GGUF files in shard order; llama.cpp opens the first and finds
     /// the rest by their split names, so the runner links them side by side.
     pub gguf: std::path::PathBuf,
-    /// Tokens of context per request (each slot has a cache this size).
+    /// Tokens of context: one cache that the slots share (llama.cpp's
+    /// unified KV cache), so one request may use all of it.
     pub context_size: u32,
     /// Sequences decoded together.
     pub slots: u32,
@@ -30,6 +31,21 @@ pub struct LoadSpec {
     /// two models take turns on the cores (see `cores.rs`).
     #[serde(default)]
     pub cores_lock: Option<std::path::PathBuf>,
+    /// Where the worker saves its slots' prefixes when it ends and finds
+    /// them when it starts (`prompt_cache.rs`); `None`: no disk cache.
+    #[serde(default)]
+    pub prompt_cache: Option<PromptCacheSpec>,
+}
+
+/// The prompt cache a worker uses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptCacheSpec {
+    /// The cache of every model; each has a folder in it.
+    pub root: std::path::PathBuf,
+    /// Bytes the whole cache may hold; least recently used prefixes go.
+    pub max_bytes: u64,
+    /// The model's digest: a file of another model is never read.
+    pub model: String,
 }
 
 /// What the worker reports once the model is loaded.

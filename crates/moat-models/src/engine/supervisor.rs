@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::protocol::{read_frame, write_frame, FromWorker, Generate, LoadSpec, Loaded, ToWorker};
+use super::protocol::{
+    read_frame, write_frame, FromWorker, Generate, LoadSpec, Loaded, PromptCacheSpec, ToWorker,
+};
 use super::worker::ROLE;
 use super::EngineError;
 
@@ -41,6 +43,8 @@ pub struct RunnerConfig {
     /// The file workers lock while they decode, so that busy models take
     /// turns on the cores instead of fighting over them.
     pub cores_lock: Option<PathBuf>,
+    /// The prompt cache on disk (its folder and bound); `None`: none.
+    pub prompt_cache: Option<(PathBuf, u64)>,
 }
 
 impl RunnerConfig {
@@ -60,6 +64,7 @@ impl RunnerConfig {
             keep_alive: Some(Duration::from_secs(300)),
             memory_budget: total_memory() / 4 * 3,
             cores_lock: Some(log_dir.join(".cores.lock")),
+            prompt_cache: None,
         }
     }
 }
@@ -164,9 +169,8 @@ impl Runner {
             return Ok(w);
         }
         let context = self.context_for(model);
-        // Each slot has a cache of the full context.
-        let memory = model.weights_bytes
-            + model.kv_bytes_per_token * u64::from(context) * u64::from(self.config.slots.max(1));
+        // The slots share one cache of the context.
+        let memory = model.weights_bytes + model.kv_bytes_per_token * u64::from(context);
         self.make_room(model, memory)?;
         let worker = self.start(
             model,
@@ -292,6 +296,13 @@ impl Runner {
                 .cores_lock
                 .clone()
                 .filter(|_| self.config.threads.max(1) as usize * 2 > physical_cores()),
+            prompt_cache: self.config.prompt_cache.as_ref().map(|(root, max_bytes)| {
+                PromptCacheSpec {
+                    root: root.clone(),
+                    max_bytes: *max_bytes,
+                    model: model.id.clone(),
+                }
+            }),
         };
         let mut child = child;
         let fail = |child: &mut Child, why: String| {
@@ -506,7 +517,11 @@ impl Worker {
             }
         }
         self.dead.store(true, Ordering::SeqCst);
-        let how = {
+        let how = if self.stopping.load(Ordering::SeqCst) {
+            // `stop` closed the socket: it waits for the worker, which
+            // saves its prompt cache before it exits.
+            "was unloaded".to_string()
+        } else {
             let mut child = lock(&self.child);
             match child.try_wait() {
                 Ok(Some(s)) => describe_exit(s),
@@ -539,19 +554,31 @@ impl Worker {
         }
     }
 
-    /// Stop the worker: closing its socket ends its loop; a worker stuck
-    /// in llama.cpp is killed.
+    /// Stop the worker: closing its socket ends its loop, and it saves
+    /// its prompt cache before it exits, so it gets time for that (the
+    /// next worker of the model then finds it); a worker stuck in
+    /// llama.cpp, or in a save on a disk that hangs, is killed.
     fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = lock(&self.to_worker)
             .get_ref()
             .shutdown(std::net::Shutdown::Both);
         let mut child = lock(&self.child);
-        for _ in 0..50 {
+        let grace = if self
+            .runner
+            .upgrade()
+            .is_some_and(|r| r.config.prompt_cache.is_some())
+        {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(1)
+        };
+        let start = Instant::now();
+        while start.elapsed() < grace {
             if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
         let _ = child.wait();

@@ -13,6 +13,13 @@
 //! remaining prompt first, so a short request's first token waits for at
 //! most one such step of another's.
 //!
+//! The slots share one KV cache (llama.cpp's unified cache), so that four
+//! slots cost what one context costs and one request can still use all of
+//! it. When the worker ends (its socket closes: keep-alive, `unload`, the
+//! daemon's end), it saves its slots' prefixes to the prompt cache on disk
+//! (`prompt_cache.rs`), and a later worker restores one instead of reading
+//! a prompt that starts with it again.
+//!
 //! It talks to the runner over its standard input, a Unix socket; anything
 //! llama.cpp prints goes to standard error, the model's log.
 
@@ -33,8 +40,10 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
+use llama_cpp_2::LlamaStateSeqFlags;
 
 use super::cores::Cores;
+use super::prompt_cache::{self, PromptCache};
 
 use super::protocol::{
     read_frame, write_frame, Finish, FromWorker, Generate, LoadSpec, Loaded, Sampling, Timings,
@@ -121,6 +130,7 @@ fn run(sock: UnixStream) -> Result<(), String> {
         let served = sched.serve(&rx, &mut out);
         // The reader blocks on the socket; the scope waits for it.
         let _ = closer.shutdown(std::net::Shutdown::Both);
+        sched.save_prefixes();
         served
     })
 }
@@ -235,6 +245,9 @@ struct Slot {
     active: Option<Active>,
     /// When it last served a request (a step counter), for eviction.
     last_used: u64,
+    /// Requests that found a useful prefix of theirs in this slot: what
+    /// makes its cache worth saving when the worker ends.
+    hits: u32,
 }
 
 struct Active {
@@ -272,6 +285,7 @@ struct Scheduler<'m> {
     batch: LlamaBatch<'static>,
     step: u64,
     cores: Cores,
+    disk: Option<PromptCache>,
 }
 
 fn context_params(spec: &LoadSpec) -> LlamaContextParams {
@@ -283,22 +297,32 @@ fn context_params(spec: &LoadSpec) -> LlamaContextParams {
         .with_n_threads_batch(spec.threads)
 }
 
+/// What a saved prefix must have been made with to be restored here:
+/// the cache's size and layout (a prefix of a larger cache may not fit).
+fn cache_settings(ctx: &LlamaContext) -> String {
+    format!("n_ctx={} kv=f16 unified swa_full", ctx.n_ctx())
+}
+
 impl<'m> Scheduler<'m> {
-    /// Tokens of context each request has: the cache is one stream per slot.
+    /// Tokens of context a request may have: all of the shared cache.
     fn seq_ctx(&self) -> u32 {
-        self.ctx.n_ctx() / self.slots.len().max(1) as u32
+        self.ctx.n_ctx()
     }
 
     fn new(engine: &'m Engine, spec: &LoadSpec) -> Result<Self, String> {
         let slots = spec.slots.max(1);
-        // A cache of the full context per slot (as Ollama allots num_ctx to
-        // each parallel request), each slot its own stream. A cache shared by
-        // the slots would make every decode attend over the cells of all of
-        // them, idle prefixes included: prompts read ~5 % slower for it.
+        // One cache that the slots share, as llama-server's unified cache:
+        // four slots cost what one context does, and a single long
+        // conversation still has the whole context. Decodes attend over
+        // the cells of every slot (masked), idle prefixes included, which
+        // makes prompts read a few per cent slower than a stream per slot.
+        // The full-size sliding-window cache (llama.cpp's default here) is
+        // what lets a prefix be kept, cut and restored on models such as
+        // Gemma 3.
         let params = context_params(spec)
-            .with_n_ctx(NonZeroU32::new(spec.context_size.saturating_mul(slots)))
             .with_n_seq_max(slots)
-            .with_kv_unified(false);
+            .with_kv_unified(true)
+            .with_swa_full(true);
         let ctx = engine
             .model
             .new_context(&engine.backend, params)
@@ -310,7 +334,6 @@ impl<'m> Scheduler<'m> {
             })?;
         Ok(Scheduler {
             engine,
-            ctx,
             embed_ctx: None,
             cores: Cores::open(spec.cores_lock.as_deref()),
             spec: spec.clone(),
@@ -320,11 +343,17 @@ impl<'m> Scheduler<'m> {
                     cached: Vec::new(),
                     active: None,
                     last_used: 0,
+                    hits: 0,
                 })
                 .collect(),
             queue: VecDeque::new(),
             batch: LlamaBatch::new(spec.batch.max(1) as usize, slots as i32),
             step: 0,
+            disk: spec
+                .prompt_cache
+                .as_ref()
+                .map(|c| PromptCache::open(c, &cache_settings(&ctx))),
+            ctx,
         })
     }
 
@@ -450,11 +479,15 @@ impl<'m> Scheduler<'m> {
             let Some(index) = best_slot(&self.slots, &prompt) else {
                 return;
             };
+            let shared = common_prefix(&self.slots[index].cached, &prompt);
+            let shared = self.restore_prefix(index, &prompt, shared);
             let slot = &mut self.slots[index];
-            let mut keep = common_prefix(&slot.cached, &prompt);
+            if shared >= prompt_cache::MIN_TOKENS {
+                slot.hits += 1;
+            }
             // The last prompt token is always decoded again: its logits are
             // where the first new token comes from.
-            keep = keep.min(prompt.len() - 1);
+            let mut keep = shared.min(prompt.len() - 1);
             if self
                 .ctx
                 .kv_cache_seq_rm(slot.seq, Some(keep as u32), None)
@@ -656,6 +689,116 @@ impl<'m> Scheduler<'m> {
             } else {
                 a.next = Some(tok);
             }
+        }
+    }
+
+    /// When a saved prefix shares more of `prompt` than slot `index`
+    /// holds (by enough to be worth a read), restore it into the slot;
+    /// returns how much of the prompt the slot's cache then starts with.
+    fn restore_prefix(&mut self, index: usize, prompt: &[LlamaToken], shared: usize) -> usize {
+        let Some(disk) = self.disk.as_mut() else {
+            return shared;
+        };
+        let ids: Vec<i32> = prompt.iter().map(|t| t.0).collect();
+        let Some((entry, saved)) = disk.best(&ids) else {
+            return shared;
+        };
+        if saved < shared + prompt_cache::MIN_TOKENS {
+            return shared;
+        }
+        let Some(payload) = disk.payload(entry) else {
+            return shared;
+        };
+        let tokens: Vec<LlamaToken> = disk.entries()[entry]
+            .tokens
+            .iter()
+            .map(|&t| LlamaToken(t))
+            .collect();
+        let seq = self.slots[index].seq;
+        let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+        self.slots[index].cached.clear();
+        // Room for it may have to come from the idle slots' prefixes.
+        // SAFETY: the payload is what llama.cpp's `state_seq_get_data`
+        // wrote for this model, build and cache layout, checked against
+        // its SHA-256 before it got here (`PromptCache::payload`).
+        while !unsafe {
+            self.ctx
+                .state_seq_set_data_ext(&payload, seq, LlamaStateSeqFlags::empty())
+        } {
+            if !self.evict_idle() {
+                eprintln!(
+                    "moat model worker: prompt cache: no room to restore {} tokens; the prompt is read instead",
+                    tokens.len()
+                );
+                let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+                return 0;
+            }
+        }
+        let shared = common_prefix(&tokens, prompt);
+        self.slots[index].cached = tokens;
+        shared
+    }
+
+    /// Save the prefixes of the slots worth it to the prompt cache: those
+    /// most reused first, none that another saved one starts with, within
+    /// the cache's bound. A save that fails (a full disk) is dropped.
+    fn save_prefixes(&mut self) {
+        let Some(disk) = self.disk.as_mut() else {
+            return;
+        };
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].cached.len() >= prompt_cache::MIN_TOKENS)
+            .collect();
+        order.sort_by_key(|&i| {
+            let s = &self.slots[i];
+            (std::cmp::Reverse(s.hits), std::cmp::Reverse(s.last_used))
+        });
+        let mut saved = 0;
+        for (k, &i) in order.iter().enumerate() {
+            let slot = &self.slots[i];
+            let covered = order.iter().enumerate().any(|(j, &o)| {
+                let other = &self.slots[o].cached;
+                j != k
+                    && other.len() >= slot.cached.len()
+                    && other.starts_with(&slot.cached)
+                    && (other.len() > slot.cached.len() || j < k)
+            });
+            if covered {
+                continue;
+            }
+            let size = self
+                .ctx
+                .state_seq_get_size_ext(slot.seq, LlamaStateSeqFlags::empty());
+            let mut payload = vec![0u8; size];
+            // SAFETY: the buffer has the size llama.cpp just reported for
+            // this sequence, and nothing changes the cache in between.
+            let n = unsafe {
+                self.ctx.state_seq_get_data_ext(
+                    payload.as_mut_ptr(),
+                    slot.seq,
+                    LlamaStateSeqFlags::empty(),
+                )
+            };
+            if n != size {
+                eprintln!("moat model worker: prompt cache: llama.cpp wrote {n} bytes of a state of {size}; not saved");
+                continue;
+            }
+            let tokens: Vec<i32> = slot.cached.iter().map(|t| t.0).collect();
+            match disk.save(&tokens, &payload) {
+                Ok(true) => saved += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("moat model worker: {e}; the unload goes on without it");
+                    break;
+                }
+            }
+        }
+        let total = disk.evict();
+        if saved > 0 {
+            eprintln!(
+                "moat model worker: prompt cache: saved {saved} prefixes; the cache holds {:.1} MiB",
+                total as f64 / f64::from(1 << 20)
+            );
         }
     }
 

@@ -1,0 +1,263 @@
+//! The prompt cache on disk and the shared KV pool, end to end: the real
+//! daemon serving the real SmolLM2 and Gemma 3, a long prompt read once,
+//! the model unloaded, and the same prompt after the reload restored from
+//! the saved state instead of read again; a damaged cache file ignored and
+//! removed; the cache's bound; four slots costing what one does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+const SMOLLM2: &str = "ai/smollm2:135M-Q4_1";
+const GEMMA3: &str = "ai/gemma3:270M-Q4_K_M";
+
+/// A daemon of this test's roots with `config` as its configuration file,
+/// its model runner on a port of its own, SmolLM2 and Gemma 3 packaged.
+fn start(config: &str) -> u16 {
+    let (state, _) = roots();
+    std::fs::create_dir_all(&state).unwrap();
+    let file = state.with_file_name("config.toml");
+    std::fs::write(&file, config).unwrap();
+    let port = free_port();
+    start_daemon_with(&[
+        ("MOAT_CONFIG", file.as_os_str()),
+        ("MOAT_MODEL_PORT", port.to_string().as_ref()),
+    ]);
+    package_smollm2(SMOLLM2, &[]);
+    let gemma = gemma3_gguf();
+    moat_ok(&[
+        "model",
+        "package",
+        "--gguf",
+        gemma.to_str().unwrap(),
+        GEMMA3,
+    ]);
+    wait_for_port(port);
+    port
+}
+
+/// A system prompt of about `words` × 9 tokens, the same for a `seed`.
+fn long_prompt(seed: u32, words: u32) -> String {
+    (0..words)
+        .map(|i| {
+            format!(
+                "Rule {seed}.{i}: check file{} before module{}.",
+                i % 37,
+                i % 11
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What a greedy chat turn answered, and its timings.
+#[derive(Debug)]
+struct Turn {
+    answer: String,
+    prompt_tokens: u64,
+    cache_n: u64,
+}
+
+fn ask(port: u16, model: &str, system: &str) -> Turn {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Which file does rule 5 name?"},
+        ],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let out = run_with_stdin(
+        Command::new("curl")
+            .args(["-sf", "-H", "content-type: application/json"])
+            .args(["--data-binary", "@-"])
+            .arg(format!("http://127.0.0.1:{port}/v1/chat/completions")),
+        body.to_string().as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{model}: curl failed: {}",
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Turn {
+        answer: v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        cache_n: v["timings"]["cache_n"].as_u64().unwrap(),
+    }
+}
+
+/// The saved prefixes (files) of every model.
+fn cache_files() -> Vec<PathBuf> {
+    let (state, _) = roots();
+    let mut files = Vec::new();
+    for dir in std::fs::read_dir(state.join("prompt-cache"))
+        .into_iter()
+        .flatten()
+    {
+        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.extension().is_some_and(|e| e == "kv") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn model_log(model: &str) -> String {
+    let (state, _) = roots();
+    let name: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::fs::read_to_string(state.join("logs/models").join(format!("{name}.log")))
+        .unwrap_or_default()
+}
+
+fn prompt_cache_size() -> String {
+    let df = moat_ok(&["model", "df"]);
+    df.lines()
+        .find_map(|l| l.strip_prefix("Prompt cache"))
+        .unwrap_or_else(|| panic!("no prompt cache row in:\n{df}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_long_prompt_is_restored_after_an_unload_not_read_again() {
+    let _daemon = use_isolated_roots("prompt-cache-unload");
+    let port = start("");
+    let system = long_prompt(1, 150);
+    for model in [SMOLLM2, GEMMA3] {
+        let cold = ask(port, model, &system);
+        assert!(cold.prompt_tokens > 1000, "{model}: {cold:?}");
+        assert_eq!(cold.cache_n, 0, "{model}: a cold model had a cache");
+        let before = cache_files();
+        moat_ok(&["model", "unload", model]);
+        let saved: Vec<PathBuf> = cache_files()
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        assert_eq!(saved.len(), 1, "{model}: unload saved {saved:?}");
+        assert_ne!(prompt_cache_size(), "0B");
+
+        // Reloaded: the whole prompt but its last token comes from disk.
+        let restored = ask(port, model, &system);
+        assert_eq!(
+            (restored.cache_n, restored.answer.as_str()),
+            (cold.prompt_tokens - 1, cold.answer.as_str()),
+            "{model}: after the reload"
+        );
+
+        // A damaged file is removed and the prompt read, to the same answer.
+        moat_ok(&["model", "unload", model]);
+        let mut bytes = std::fs::read(&saved[0]).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        std::fs::write(&saved[0], bytes).unwrap();
+        let reread = ask(port, model, &system);
+        assert_eq!(
+            (reread.cache_n, reread.answer.as_str()),
+            (0, cold.answer.as_str()),
+            "{model}: with a damaged cache file"
+        );
+        assert!(
+            model_log(model).contains("(its checksum does not match); the prompt is read instead"),
+            "{model}: the model log does not say why:\n{}",
+            model_log(model)
+        );
+        moat_ok(&["model", "unload", model]);
+    }
+    // Both models' prefixes are there; `cache rm MODEL` takes one's.
+    assert_eq!(cache_files().len(), 2, "{:?}", cache_files());
+    assert!(moat_ok(&["model", "cache", "rm", GEMMA3]).starts_with("Removed the prompt cache of"));
+    assert_eq!(cache_files().len(), 1);
+    moat_ok(&["model", "cache", "rm"]);
+    assert_eq!(
+        (cache_files(), prompt_cache_size()),
+        (vec![], "0B".to_string())
+    );
+    let bad = moat(&["model", "cache", "rm", "ai/nope"]);
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn the_cache_bound_evicts_the_least_recently_used_prefix() {
+    let _daemon = use_isolated_roots("prompt-cache-bound");
+    // One saved SmolLM2 prompt of ~2200 tokens is ~50 MiB: room for one.
+    let port = start("[models]\nprompt_cache_size = \"80m\"\n");
+    let (first, second) = (long_prompt(1, 150), long_prompt(2, 150));
+    ask(port, SMOLLM2, &first);
+    moat_ok(&["model", "unload", SMOLLM2]);
+    let kept = cache_files();
+    assert_eq!(kept.len(), 1);
+    ask(port, SMOLLM2, &second);
+    moat_ok(&["model", "unload", SMOLLM2]);
+    let now = cache_files();
+    assert_eq!(now.len(), 1, "the bound of 80m holds two: {now:?}");
+    assert_ne!(now, kept, "the newer prefix was evicted, not the older");
+    // The second comes back from disk; the first is read again.
+    assert_eq!(ask(port, SMOLLM2, &first).cache_n, 0);
+    let second_turn = ask(port, SMOLLM2, &second);
+    assert_eq!(second_turn.cache_n, second_turn.prompt_tokens - 1);
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: i64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap();
+    kb << 10
+}
+
+/// SmolLM2 loaded by a daemon with `slots`, at 8192 tokens of context:
+/// its worker's resident memory once loaded.
+fn loaded_rss(slots: u32) -> u64 {
+    start(&format!(
+        "[models]\nslots = {slots}\ncontext_size = 8192\nprompt_cache_size = \"0\"\n"
+    ));
+    moat_ok(&["model", "run", "-d", SMOLLM2]);
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    assert_eq!(ps[0]["context_size"], 8192, "{ps}");
+    let pid = ps[0]["pid"].as_i64().unwrap();
+    let bytes = rss(pid);
+    stop_everything();
+    bytes
+}
+
+#[test]
+fn four_slots_share_one_cache_and_cost_what_one_does() {
+    let _daemon = use_isolated_roots("prompt-cache-slots");
+    // 8192 tokens of SmolLM2's cache are 180 MiB: a cache per slot would
+    // be three more of those.
+    let one = loaded_rss(1);
+    let four = loaded_rss(4);
+    assert!(
+        four as f64 <= one as f64 * 1.1,
+        "4 slots: {} MiB resident, 1 slot: {} MiB",
+        four >> 20,
+        one >> 20
+    );
+}
