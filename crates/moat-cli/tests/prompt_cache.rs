@@ -261,3 +261,46 @@ fn four_slots_share_one_cache_and_cost_what_one_does() {
         one >> 20
     );
 }
+
+#[test]
+fn a_full_disk_drops_the_save_and_the_unload_goes_on() {
+    let _daemon = use_isolated_roots("prompt-cache-full");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts a small file system and must run as root"
+    );
+    let port = start("");
+    // The cache's folder on a file system of 1 MiB: a prompt's state is
+    // tens of MiB. The guard unmounts it with the rest of the test's state.
+    let (state, _) = roots();
+    let folder = state.join("prompt-cache");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "moat-test-full"])
+        .arg(&folder)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let system = long_prompt(3, 150);
+    let cold = ask(port, SMOLLM2, &system);
+    let ps: serde_json::Value = serde_json::from_str(&moat_ok(&["model", "ps", "--json"])).unwrap();
+    let pid = ps[0]["pid"].as_i64().unwrap() as i32;
+    moat_ok(&["model", "unload", SMOLLM2]);
+    assert!(!is_running(pid), "the worker still runs after the unload");
+    assert_eq!(cache_files(), Vec::<PathBuf>::new());
+    let log = model_log(SMOLLM2);
+    assert!(
+        log.contains("the prompt cache could not save") && log.contains("No space left on device"),
+        "{log}"
+    );
+    // Nothing half-written is left, and the model serves as before.
+    let left: Vec<_> = std::fs::read_dir(&folder)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().file_name())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let again = ask(port, SMOLLM2, &system);
+    assert_eq!((again.cache_n, again.answer), (0, cold.answer));
+}

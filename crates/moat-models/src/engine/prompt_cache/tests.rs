@@ -249,3 +249,28 @@ fn a_prefix_larger_than_the_bound_is_not_saved() {
     assert_eq!(cache.save(&tokens(70, 0), &[0u8; 100]), Ok(true));
     assert_eq!(cache.entries().len(), 1);
 }
+
+/// Workers of one model ending together (each its own open of the lock
+/// file, as separate processes have): one whole file, readable.
+#[test]
+fn writers_of_one_prefix_at_once_leave_one_whole_file() {
+    let root = tempfile::tempdir().unwrap();
+    let payload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let mut cache = PromptCache::open(&spec(root.path(), 1 << 30), "s");
+                assert_eq!(cache.save(&tokens(70, 0), &payload), Ok(true));
+            });
+        }
+    });
+    let mut later = PromptCache::open(&spec(root.path(), 1 << 30), "s");
+    assert_eq!(later.entries().len(), 1);
+    assert_eq!(later.payload(0), Some(payload));
+    let names: Vec<String> = fs::read_dir(&later.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
