@@ -526,14 +526,7 @@ fn a_sandbox_reaches_the_runner_through_its_door_but_cannot_manage_it() {
 #[test]
 fn two_models_are_served_at_once_and_unloaded_on_request() {
     let (port, _guard) = runner("runner-two");
-    let gemma = gemma3_gguf();
-    moat_ok(&[
-        "model",
-        "package",
-        "--gguf",
-        gemma.to_str().unwrap(),
-        "ai/gemma3:270M-Q4_K_M",
-    ]);
+    package_gemma3("ai/gemma3:270M-Q4_K_M");
     let models = [SMOLLM2, "ai/gemma3:270M-Q4_K_M"];
     let answers: Vec<_> = models
         .iter()
@@ -585,9 +578,8 @@ fn two_models_are_served_at_once_and_unloaded_on_request() {
 #[test]
 fn a_model_over_the_memory_budget_is_refused_with_the_numbers() {
     let (port, _guard) = runner("runner-budget");
-    let gemma = gemma3_gguf();
     const GEMMA: &str = "ai/gemma3:270M-Q4_K_M";
-    moat_ok(&["model", "package", "--gguf", gemma.to_str().unwrap(), GEMMA]);
+    package_gemma3(GEMMA);
     // What each takes when loaded, as the runner reckons it.
     let mut memory = std::collections::HashMap::new();
     for model in [SMOLLM2, GEMMA] {

@@ -28,14 +28,7 @@ fn start(config: &str) -> u16 {
         ("MOAT_MODEL_PORT", port.to_string().as_ref()),
     ]);
     package_smollm2(SMOLLM2, &[]);
-    let gemma = gemma3_gguf();
-    moat_ok(&[
-        "model",
-        "package",
-        "--gguf",
-        gemma.to_str().unwrap(),
-        GEMMA3,
-    ]);
+    package_gemma3(GEMMA3);
     wait_for_port(port);
     port
 }
@@ -114,20 +107,9 @@ fn cache_files() -> Vec<PathBuf> {
     files
 }
 
+/// The model's log (its worker's standard error), as `moat model logs` shows it.
 fn model_log(model: &str) -> String {
-    let (state, _) = roots();
-    let name: String = model
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    std::fs::read_to_string(state.join("logs/models").join(format!("{name}.log")))
-        .unwrap_or_default()
+    moat_ok(&["model", "logs", model])
 }
 
 fn prompt_cache_size() -> String {

