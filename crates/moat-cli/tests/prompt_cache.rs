@@ -56,11 +56,15 @@ struct Turn {
 }
 
 fn ask(port: u16, model: &str, system: &str) -> Turn {
+    ask_about(port, model, system, "Which file does rule 5 name?")
+}
+
+fn ask_about(port: u16, model: &str, system: &str, question: &str) -> Turn {
     let body = serde_json::json!({
         "model": model,
         "messages": [
             {"role": "system", "content": system},
-            {"role": "user", "content": "Which file does rule 5 name?"},
+            {"role": "user", "content": question},
         ],
         "max_tokens": 12,
         "temperature": 0,
@@ -123,7 +127,7 @@ fn prompt_cache_size() -> String {
 
 #[test]
 fn a_long_prompt_is_restored_after_an_unload_not_read_again() {
-    let _daemon = use_isolated_roots("prompt-cache-unload");
+    let _daemon = fresh_isolated_roots("prompt-cache-unload");
     let port = start("");
     let system = long_prompt(1, 150);
     for model in [SMOLLM2, GEMMA3] {
@@ -181,7 +185,7 @@ fn a_long_prompt_is_restored_after_an_unload_not_read_again() {
 
 #[test]
 fn the_cache_bound_evicts_the_least_recently_used_prefix() {
-    let _daemon = use_isolated_roots("prompt-cache-bound");
+    let _daemon = fresh_isolated_roots("prompt-cache-bound");
     // One saved SmolLM2 prompt of ~2200 tokens is ~50 MiB: room for one.
     let port = start("[models]\nprompt_cache_size = \"80m\"\n");
     let (first, second) = (long_prompt(1, 150), long_prompt(2, 150));
@@ -231,7 +235,7 @@ fn loaded_rss(slots: u32) -> u64 {
 
 #[test]
 fn four_slots_share_one_cache_and_cost_what_one_does() {
-    let _daemon = use_isolated_roots("prompt-cache-slots");
+    let _daemon = fresh_isolated_roots("prompt-cache-slots");
     // 8192 tokens of SmolLM2's cache are 180 MiB: a cache per slot would
     // be three more of those.
     let one = loaded_rss(1);
@@ -246,7 +250,7 @@ fn four_slots_share_one_cache_and_cost_what_one_does() {
 
 #[test]
 fn a_full_disk_drops_the_save_and_the_unload_goes_on() {
-    let _daemon = use_isolated_roots("prompt-cache-full");
+    let _daemon = fresh_isolated_roots("prompt-cache-full");
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test mounts a small file system and must run as root"
@@ -285,4 +289,34 @@ fn a_full_disk_drops_the_save_and_the_unload_goes_on() {
     assert!(left.is_empty(), "{left:?}");
     let again = ask(port, SMOLLM2, &system);
     assert_eq!((again.cache_n, again.answer), (0, cold.answer));
+}
+
+/// A prompt that shares a saved prefix but for its last few tokens: on
+/// SmolLM2 the prefix is restored and cut back; Gemma 3's saved state has
+/// only the window of its end in its sliding-window layers, so it is read
+/// whole instead. Either way the answer is the one read from scratch.
+#[test]
+fn a_prompt_that_leaves_a_saved_prefix_early_answers_as_if_read_whole() {
+    let _daemon = fresh_isolated_roots("prompt-cache-cut");
+    let port = start("");
+    let system = long_prompt(4, 150);
+    let other = "Which module does rule 7 name?";
+    for model in [SMOLLM2, GEMMA3] {
+        let reference = ask_about(port, model, &system, other);
+        moat_ok(&["model", "unload", model]);
+        moat_ok(&["model", "cache", "rm", model]);
+        let saved = ask(port, model, &system);
+        moat_ok(&["model", "unload", model]);
+        let after = ask_about(port, model, &system, other);
+        assert_eq!(after.answer, reference.answer, "{model}");
+        if model == GEMMA3 {
+            assert_eq!(after.cache_n, 0, "{model}: cut before its window");
+        } else {
+            assert!(
+                after.cache_n > saved.prompt_tokens - 20 && after.cache_n < saved.prompt_tokens - 1,
+                "{model}: restored and cut back: {after:?} after {saved:?}"
+            );
+        }
+        moat_ok(&["model", "unload", model]);
+    }
 }

@@ -193,7 +193,7 @@ impl PromptCache {
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(format!(
-                "the prompt cache could not save {} tokens to {}: {e}",
+                "the prompt cache could not save {} tokens to {}: {e} (free disk space there, or lower [models] prompt_cache_size)",
                 tokens.len(),
                 self.dir.display()
             ));
@@ -254,7 +254,12 @@ impl PromptCache {
             return Err(format!("of another model ({})", header.model));
         }
         let header_end = f.stream_position().map_err(|e| e.to_string())?;
-        let want = header_end + header.tokens * 4 + header.payload;
+        let want = header
+            .tokens
+            .checked_mul(4)
+            .and_then(|t| t.checked_add(header.payload))
+            .and_then(|n| n.checked_add(header_end))
+            .ok_or("sizes that overflow")?;
         let have = f.metadata().map_err(|e| e.to_string())?.len();
         if have != want {
             return Err(format!("{have} bytes where its header says {want}"));
@@ -353,8 +358,12 @@ pub fn remove(root: &Path, model: Option<&str>) -> io::Result<u64> {
             let path = item.path();
             if is_entry(&path) {
                 let size = item.metadata().map_or(0, |m| m.len());
-                fs::remove_file(&path)?;
-                freed += size;
+                match fs::remove_file(&path) {
+                    Ok(()) => freed += size,
+                    // Evicted by a worker meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         drop(lock);

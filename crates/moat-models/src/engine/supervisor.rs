@@ -662,6 +662,15 @@ fn reap_idle(runner: Weak<Runner>) {
             .cloned()
             .collect();
         for w in idle {
+            // An unload before it may have taken long (a worker saving its
+            // prompt cache): this one may have had requests since.
+            let still_idle = match (*lock(&w.keep_alive), w.idle_for()) {
+                (Some(keep), Some(idle)) => idle >= keep,
+                _ => false,
+            };
+            if !still_idle {
+                continue;
+            }
             tracing::info!(model = %w.model.name, "unloading idle model");
             r.unload_worker(&w);
         }

@@ -248,6 +248,9 @@ struct Slot {
     /// Requests that found a useful prefix of theirs in this slot: what
     /// makes its cache worth saving when the worker ends.
     hits: u32,
+    /// The length of the last prompt it read: where a sliding-window
+    /// model's prefix is saved (see `save_prefixes`).
+    prompt_len: usize,
 }
 
 struct Active {
@@ -285,6 +288,8 @@ struct Scheduler<'m> {
     batch: LlamaBatch<'static>,
     step: u64,
     cores: Cores,
+    /// The model's sliding attention window; 0 when it has none.
+    n_swa: usize,
     disk: Option<PromptCache>,
 }
 
@@ -303,6 +308,19 @@ fn cache_settings(ctx: &LlamaContext) -> String {
     format!("n_ctx={} kv=f16 unified swa_full", ctx.n_ctx())
 }
 
+/// The model's attention window, for models whose layers attend over a
+/// sliding window (Gemma 2 and 3, …); 0 for the others.
+fn sliding_window(model: &LlamaModel) -> usize {
+    let Ok(arch) = model.meta_val_str("general.architecture") else {
+        return 0;
+    };
+    model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 impl<'m> Scheduler<'m> {
     /// Tokens of context a request may have: all of the shared cache.
     fn seq_ctx(&self) -> u32 {
@@ -319,10 +337,11 @@ impl<'m> Scheduler<'m> {
         // The full-size sliding-window cache (llama.cpp's default here) is
         // what lets a prefix be kept, cut and restored on models such as
         // Gemma 3: a cache of the window alone (llama-server's default)
-        // loses the cells before it, and llama.cpp saves a sequence's
-        // window cells only, so a restored prefix could not be cut back
-        // to where the next prompt leaves it. It costs those layers a full
-        // context (Gemma 3 270M: 1.2x llama-server's memory at 8192).
+        // loses the cells before it once it fills, so a prefix could be
+        // cut back far less often. It costs those layers a full context
+        // (Gemma 3 270M: 1.2x llama-server's memory at 8192). llama.cpp
+        // saves a sequence's window cells only, though, so a restored
+        // prefix cannot be cut back before its window (see `admit`).
         let params = context_params(spec)
             .with_n_seq_max(slots)
             .with_kv_unified(true)
@@ -348,11 +367,13 @@ impl<'m> Scheduler<'m> {
                     active: None,
                     last_used: 0,
                     hits: 0,
+                    prompt_len: 0,
                 })
                 .collect(),
             queue: VecDeque::new(),
             batch: LlamaBatch::new(spec.batch.max(1) as usize, slots as i32),
             step: 0,
+            n_swa: sliding_window(&engine.model),
             disk: spec
                 .prompt_cache
                 .as_ref()
@@ -488,7 +509,10 @@ impl<'m> Scheduler<'m> {
             let slot = &mut self.slots[index];
             if shared >= prompt_cache::MIN_TOKENS {
                 slot.hits += 1;
+            } else {
+                slot.hits = 0;
             }
+            slot.prompt_len = prompt.len();
             // The last prompt token is always decoded again: its logits are
             // where the first new token comes from.
             let mut keep = shared.min(prompt.len() - 1);
@@ -498,6 +522,16 @@ impl<'m> Scheduler<'m> {
                 .is_err()
             {
                 // Recurrent models cannot drop a tail: start the slot afresh.
+                let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
+                keep = 0;
+            }
+            // The next position attends over the window before it: a
+            // prefix whose window cells are gone (a restored one has only
+            // the window of its end; a full cache reuses the oldest cells)
+            // is read again, as llama-server does. llama.cpp keeps every
+            // position between a sequence's first and last.
+            let oldest = self.ctx.kv_cache_seq_pos_min(slot.seq);
+            if self.n_swa > 0 && keep > 0 && oldest > keep.saturating_sub(self.n_swa) as i32 {
                 let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
                 keep = 0;
             }
@@ -730,11 +764,19 @@ impl<'m> Scheduler<'m> {
                 .state_seq_set_data_ext(&payload, seq, LlamaStateSeqFlags::empty())
         } {
             if !self.evict_idle() {
-                eprintln!(
-                    "moat model worker: prompt cache: no room to restore {} tokens; the prompt is read instead",
-                    tokens.len()
-                );
                 let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
+                let busy = self.slots.iter().any(|s| s.active.is_some());
+                if let Some(disk) = self.disk.as_mut() {
+                    if busy {
+                        eprintln!(
+                            "moat model worker: prompt cache: no room beside the requests in flight to restore {} tokens; the prompt is read instead",
+                            tokens.len()
+                        );
+                    } else {
+                        // Room was not what failed: llama.cpp refused it.
+                        disk.forget(entry, "llama.cpp could not restore it");
+                    }
+                }
                 return 0;
             }
         }
@@ -757,8 +799,32 @@ impl<'m> Scheduler<'m> {
             let s = &self.slots[i];
             (std::cmp::Reverse(s.hits), std::cmp::Reverse(s.last_used))
         });
+        // A sliding-window model's prefix is saved where its last prompt
+        // ended (before its last token, which a request decodes again):
+        // only the window of the end is saved, so a later request can go
+        // on from there but not from before it, and the same prompt again
+        // (an agent's first turn) must not have to cut the answer off.
+        if self.n_swa > 0 {
+            for &i in &order {
+                let slot = &mut self.slots[i];
+                let end = slot.prompt_len.saturating_sub(1);
+                if end < slot.cached.len()
+                    && end >= prompt_cache::MIN_TOKENS
+                    && self.ctx.kv_cache_seq_pos_min(slot.seq)
+                        <= end.saturating_sub(self.n_swa) as i32
+                    && self
+                        .ctx
+                        .kv_cache_seq_rm(slot.seq, Some(end as u32), None)
+                        .is_ok()
+                {
+                    slot.cached.truncate(end);
+                }
+            }
+        }
         let mut saved = 0;
-        for (k, &i) in order.iter().enumerate() {
+        // The least valuable first: the most valuable is then the most
+        // recently used file, the last the cache's bound evicts.
+        for (k, &i) in order.iter().enumerate().rev() {
             let slot = &self.slots[i];
             let covered = order.iter().enumerate().any(|(j, &o)| {
                 let other = &self.slots[o].cached;
@@ -820,6 +886,7 @@ impl<'m> Scheduler<'m> {
         let seq = self.slots[i].seq;
         let _ = self.ctx.kv_cache_seq_rm(seq, None, None);
         self.slots[i].cached.clear();
+        self.slots[i].hits = 0;
         true
     }
 
