@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::protocol::PromptCacheSpec;
+use super::worker::common_prefix;
 
 const MAGIC: &[u8; 8] = b"MOATKV\0\x01";
 
@@ -98,7 +99,7 @@ impl PromptCache {
         let Ok(read) = fs::read_dir(&cache.dir) else {
             return cache;
         };
-        let _lock = cache.lock(FlockArg::LockShared);
+        let _lock = lock_folder(&cache.dir, FlockArg::LockShared);
         for item in read.flatten() {
             let path = item.path();
             if !is_entry(&path) {
@@ -135,10 +136,7 @@ impl PromptCache {
         match self.read_payload(&path, &self.entries[index].tokens) {
             Ok(bytes) => {
                 // A restore makes the prefix recently used.
-                let _ = File::options()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_modified(SystemTime::now()));
+                touch(&path);
                 Some(bytes)
             }
             Err(why) => {
@@ -164,15 +162,12 @@ impl PromptCache {
             return Ok(false);
         }
         fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
-        let _lock = self.lock(FlockArg::LockExclusive);
+        let _lock = lock_folder(&self.dir, FlockArg::LockExclusive);
         let path = self
             .dir
             .join(file_name(&self.model, &self.settings, tokens));
         if path.exists() {
-            let _ = File::options()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(SystemTime::now()));
+            touch(&path);
             return Ok(true);
         }
         // Under the lock, any other temporary file is a dead writer's.
@@ -316,16 +311,26 @@ impl PromptCache {
             path.display()
         );
     }
+}
 
-    fn lock(&self, how: FlockArg) -> Option<Flock<File>> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(".lock"))
-            .ok()?;
-        Flock::lock(file, how).ok()
-    }
+/// The flock of a model's folder, held while its files are read or
+/// written; `None` when it cannot be had (the cache then goes on unlocked).
+fn lock_folder(dir: &Path, how: FlockArg) -> Option<Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))
+        .ok()?;
+    Flock::lock(file, how).ok()
+}
+
+/// Make a file the most recently used (its modification time).
+fn touch(path: &Path) {
+    let _ = File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()));
 }
 
 /// Bytes the cache of every model holds, and those of one model's folder.
@@ -347,13 +352,7 @@ pub fn remove(root: &Path, model: Option<&str>) -> io::Result<u64> {
     let mut freed = 0;
     for dir in dirs {
         let Ok(rd) = fs::read_dir(&dir) else { continue };
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(".lock"))
-            .ok()
-            .and_then(|f| Flock::lock(f, FlockArg::LockExclusive).ok());
+        let lock = lock_folder(&dir, FlockArg::LockExclusive);
         for item in rd.flatten() {
             let path = item.path();
             if is_entry(&path) {
@@ -448,10 +447,6 @@ fn read_header(f: &mut File) -> Result<Header, String> {
     f.read_exact(&mut json)
         .map_err(|e| format!("truncated header: {e}"))?;
     serde_json::from_slice(&json).map_err(|e| format!("a bad header: {e}"))
-}
-
-fn common_prefix(a: &[i32], b: &[i32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 #[cfg(test)]

@@ -308,6 +308,14 @@ fn cache_settings(ctx: &LlamaContext) -> String {
     format!("n_ctx={} kv=f16 unified swa_full", ctx.n_ctx())
 }
 
+/// Whether sequence `seq` still holds the cells that position `at`
+/// attends over: with a sliding window of `n_swa`, the window before it
+/// (llama.cpp keeps every position between a sequence's first and last);
+/// without one (`n_swa` 0), always.
+fn has_window(ctx: &LlamaContext, n_swa: usize, seq: i32, at: usize) -> bool {
+    n_swa == 0 || ctx.kv_cache_seq_pos_min(seq) <= at.saturating_sub(n_swa) as i32
+}
+
 /// The model's attention window, for models whose layers attend over a
 /// sliding window (Gemma 2 and 3, …); 0 for the others.
 fn sliding_window(model: &LlamaModel) -> usize {
@@ -525,13 +533,10 @@ impl<'m> Scheduler<'m> {
                 let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
                 keep = 0;
             }
-            // The next position attends over the window before it: a
-            // prefix whose window cells are gone (a restored one has only
-            // the window of its end; a full cache reuses the oldest cells)
-            // is read again, as llama-server does. llama.cpp keeps every
-            // position between a sequence's first and last.
-            let oldest = self.ctx.kv_cache_seq_pos_min(slot.seq);
-            if self.n_swa > 0 && keep > 0 && oldest > keep.saturating_sub(self.n_swa) as i32 {
+            // A prefix whose window is gone (a restored one has only the
+            // window of its end; a full cache reuses the oldest cells) is
+            // read again, as llama-server does.
+            if keep > 0 && !has_window(&self.ctx, self.n_swa, slot.seq, keep) {
                 let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
                 keep = 0;
             }
@@ -810,8 +815,7 @@ impl<'m> Scheduler<'m> {
                 let end = slot.prompt_len.saturating_sub(1);
                 if end < slot.cached.len()
                     && end >= prompt_cache::MIN_TOKENS
-                    && self.ctx.kv_cache_seq_pos_min(slot.seq)
-                        <= end.saturating_sub(self.n_swa) as i32
+                    && has_window(&self.ctx, self.n_swa, slot.seq, end)
                     && self
                         .ctx
                         .kv_cache_seq_rm(slot.seq, Some(end as u32), None)
@@ -1015,7 +1019,8 @@ fn prefill_order(slots: &[Slot]) -> Vec<usize> {
     order.into_iter().map(|(_, i)| i).collect()
 }
 
-fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+/// How many leading items `a` and `b` share.
+pub(super) fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
